@@ -1,0 +1,104 @@
+"""Model directories: config.json + model.safetensors (no pickle, so loading is safe).
+
+Writes go to a temporary sibling directory that is renamed into place, so a crash never
+leaves a half-written model. Loading checks every tensor name and shape and reports all
+problems at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from hybridlm.config import ModelConfig
+
+if TYPE_CHECKING:
+    from hybridlm.model import HybridLM
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A model directory is missing, damaged, or does not match its config."""
+
+
+def _tensors_to_save(model: HybridLM) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # the same storage as embed_tokens.weight
+    return {name: t.detach().contiguous().cpu() for name, t in state.items()}
+
+
+def save_model(model: HybridLM, directory: str | Path) -> None:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(model.config.to_json() + "\n")
+        save_file(_tensors_to_save(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if directory.exists():
+            # Keep files that are not ours (tokenizer.json, trainer state) by moving them over.
+            for extra in directory.iterdir():
+                if extra.name not in (CONFIG_NAME, WEIGHTS_NAME):
+                    os.replace(extra, tmp / extra.name)
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model directory {str(directory)!r} does not exist")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: not a hybridlm model directory")
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise CheckpointError(f"{path} is damaged: {err}") from err
+
+
+def load_model(
+    cls: type[HybridLM], directory: str | Path, device: str | torch.device = "cpu"
+) -> HybridLM:
+    directory = Path(directory)
+    config = load_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing")
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights} is damaged or unreadable: {err}") from err
+    model = cls(config).to(device)
+    expected = _tensors_to_save(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        f"{name}: file {tuple(state[name].shape)} vs model {tuple(expected[name].shape)}"
+        for name in set(expected) & set(state)
+        if state[name].shape != expected[name].shape
+    )
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(
+            f"{weights} does not match {CONFIG_NAME}: missing tensors {missing}, "
+            f"unexpected tensors {unexpected}, wrong shapes {wrong_shape}"
+        )
+    model.load_state_dict(state, strict=False)
+    return model

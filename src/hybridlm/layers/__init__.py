@@ -1,0 +1,1 @@
+"""Building blocks: norms, RoPE, attention, MLPs, routing, mu guidance, the residual scaler."""

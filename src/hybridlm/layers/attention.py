@@ -1,0 +1,121 @@
+"""Grouped-query attention with QK-norm, RoPE, SDPA, and optional mu guidance.
+
+Mu-Guided attention (Complexity-Deep eq. 7-10): q/k/v = x W + mu_prev W_mu, computed as ONE
+projection of the concatenation [x, mu_prev] (columns [:H] act on x, [H:] on mu_prev).
+
+Glossary: B batch, T new tokens, S cached + new tokens, H hidden, nh query heads,
+nkv key/value heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridlm.layers.norm import RMSNorm
+from hybridlm.layers.rope import RotaryEmbedding, apply_rope
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values of one attention layer; `length` tokens are filled."""
+
+    k: torch.Tensor  # (B, nkv, max_len, D)
+    v: torch.Tensor  # (B, nkv, max_len, D)
+    length: int = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, nkv, T, D) after the filled part; return all keys/values (B, nkv, S, D)."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} tokens; {end} requested")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        rope_theta: float,
+        use_qk_norm: bool,
+        use_mu: bool,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.use_mu = use_mu
+        in_features = hidden_size * (2 if use_mu else 1)
+        out_features = (num_heads + 2 * num_kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(in_features, out_features, bias=False)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, eps) if use_qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps) if use_qk_norm else None
+        self.rope = RotaryEmbedding(self.head_dim, rope_theta)
+
+    def new_cache(
+        self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> KVCache:
+        shape = (batch, self.num_kv_heads, max_len, self.head_dim)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype),
+                       torch.zeros(shape, device=device, dtype=dtype))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        mu_prev: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, H), positions (T,) absolute, mu_prev (B, T, H) when use_mu -> (B, T, H)."""
+        batch, seq, _ = x.shape
+        if self.use_mu:
+            if mu_prev is None:
+                raise ValueError("this attention layer is mu-guided: pass mu_prev (B, T, H)")
+            x = torch.cat([x, mu_prev.to(x.dtype)], dim=-1)  # (B, T, 2H)
+        qkv = self.qkv_proj(x)
+        nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+        q = q.view(batch, seq, nh, d).transpose(1, 2)  # (B, nh, T, D)
+        k = k.view(batch, seq, nkv, d).transpose(1, 2)  # (B, nkv, T, D)
+        v = v.view(batch, seq, nkv, d).transpose(1, 2)  # (B, nkv, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rope.cos_sin(positions)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nkv, S, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, **_causal_mask_args(seq, k.shape[2], q.device), enable_gqa=nkv != nh
+        )  # (B, nh, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, nh * d))
+
+
+def _causal_mask_args(num_queries: int, num_keys: int, device: torch.device) -> dict:
+    """Causal masking aligned at the BOTTOM-right: query i sits at key position S - T + i.
+
+    SDPA's `is_causal=True` aligns the mask top-left, which is only right when T == S; with a
+    cache it would let a decoded token see key 0 alone. So is_causal is used for T == S only,
+    no mask for a single decoded token, and an explicit mask otherwise.
+    """
+    if num_queries == num_keys:
+        return {"is_causal": True}
+    if num_queries == 1:
+        return {}
+    offset = num_keys - num_queries
+    query_pos = torch.arange(num_queries, device=device)[:, None] + offset
+    key_pos = torch.arange(num_keys, device=device)[None, :]
+    return {"attn_mask": key_pos <= query_pos}  # (T, S) bool, True = attend
