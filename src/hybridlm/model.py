@@ -36,6 +36,7 @@ from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.scaler import DynamicScaler
 from hybridlm.layers.token_routed import TokenRoutedMLP, TokenRoutedRouter
 
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
@@ -139,13 +140,10 @@ class HybridLM(nn.Module):
                 nn.init.normal_(module.w_gate, 0.0, std)
                 nn.init.normal_(module.w_up, 0.0, std)
                 nn.init.normal_(module.w_down, 0.0, out_std)
-            elif isinstance(module, MuUpdate):
-                nn.init.zeros_(module.mu_proj.weight)
-                if module.mu_param is not None:
-                    nn.init.zeros_(module.mu_param)
-            elif isinstance(module, DynamicScaler):
-                nn.init.zeros_(module.controller.weight)
-                nn.init.constant_(module.controller.bias, module.bias_init)
+        # Second pass: modules whose Linear children must not keep the generic init above.
+        for module in self.modules():
+            if isinstance(module, (MuUpdate, DynamicScaler)):
+                module.reset_parameters()
         if self.mu_init is not None:
             nn.init.zeros_(self.mu_init)
 
@@ -161,7 +159,7 @@ class HybridLM(nn.Module):
         inside, as in HF transformers; -100 = ignore). With `cache`, input_ids continue the
         cached sequence and the cache is advanced by T."""
         self._check_input_ids(input_ids)
-        batch, seq = input_ids.shape
+        seq = input_ids.shape[1]
         start = cache.length if cache is not None else 0
         if start + seq > self.config.max_position_embeddings:
             raise ValueError(

@@ -22,6 +22,12 @@ class MuUpdate(nn.Module):
         self.clamp, self.alpha, self.beta = clamp, alpha, beta
         self.mu_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.mu_param = nn.Parameter(torch.zeros(hidden_size)) if rule == "clamp" else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.mu_proj.weight)
+        if self.mu_param is not None:
+            nn.init.zeros_(self.mu_param)
 
     def forward(self, h: torch.Tensor, mu_prev: torch.Tensor) -> torch.Tensor:
         """h (B, T, H) block output, mu_prev (B, T, H) -> mu (B, T, H)."""

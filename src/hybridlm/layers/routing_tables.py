@@ -19,7 +19,9 @@ def modulo_routing_table(vocab_size: int, num_experts: int) -> torch.Tensor:
     return torch.arange(vocab_size, dtype=torch.long) % num_experts
 
 
-def zipf_routing_table(token_counts: Sequence[int] | torch.Tensor, num_experts: int) -> torch.Tensor:
+def zipf_routing_table(
+    token_counts: Sequence[int] | torch.Tensor, num_experts: int
+) -> torch.Tensor:
     """Frequency-balanced table from corpus counts.
 
     token_counts: (vocab_size,) non-negative counts of each token id in the training data.

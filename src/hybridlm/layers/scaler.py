@@ -13,7 +13,8 @@ from torch import nn
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
-    return x.float().pow(2).mean(-1).sqrt()  # (B, T)
+    # The epsilon keeps the gradient finite at x = 0 (layer 0 starts with mu == mu_init).
+    return (x.float().pow(2).mean(-1) + 1e-8).sqrt()  # (B, T)
 
 
 class DynamicScaler(nn.Module):
@@ -21,6 +22,11 @@ class DynamicScaler(nn.Module):
         super().__init__()
         self.bias_init = bias_init
         self.controller = nn.Linear(3, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.controller.weight)
+        nn.init.constant_(self.controller.bias, self.bias_init)
 
     def forward(
         self, h: torch.Tensor, mu: torch.Tensor | None, mu_prev: torch.Tensor | None
