@@ -34,10 +34,13 @@ def test_labels_are_shifted_inside_and_minus_100_ignored(make_model):
 @pytest.mark.parametrize("scaler", [False, True])
 def test_every_expert_shared_expert_and_mu_parameter_gets_gradient(make_model, scaler):
     model = make_model(use_dynamic_scaler=scaler).train()
-    if scaler:  # the controller starts at zero weight; give it the weights of a trained one
+    if scaler:
+        # At init the controller weight is 0 and every mu is exactly 0, where |mu| has zero
+        # gradient; give both the non-zero values they take after the first steps.
         with torch.no_grad():
             for block in model.layers:
                 block.scaler.controller.weight.normal_(0, 0.1)
+                block.mu_update.mu_param.normal_(0, 0.1)
     ids = torch.arange(64).reshape(2, 32) % 97  # every expert sees tokens
     model(ids, labels=ids).loss.backward()
     params = list(model.named_parameters())
