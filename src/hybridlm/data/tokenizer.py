@@ -1,0 +1,146 @@
+"""Byte-level BPE tokenizer (GPT-2 style) backed by the Hugging Face ``tokenizers`` library.
+
+Every byte sequence is representable (the 256 byte symbols are always in the vocabulary), so
+``decode(encode(s)) == s`` holds exactly for any unicode string: leading or repeated spaces,
+newlines, tabs, emoji and other scripts included. Id 0 is the end-of-text token
+``<|endoftext|>``, appended after each document when a dataset is prepared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+EOS_TOKEN = "<|endoftext|>"
+EOS_TOKEN_ID = 0
+MIN_VOCAB_SIZE = 258  # 256 byte symbols + <|endoftext|> + at least one merge
+TOKENIZER_FILENAME = "tokenizer.json"
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer with ``<|endoftext|>`` as id 0.
+
+    Build one with :meth:`train` or :meth:`from_file`; the constructor wraps an existing
+    ``tokenizers.Tokenizer`` and checks that it has the end-of-text token at id 0.
+    """
+
+    def __init__(self, backend: _HFTokenizer) -> None:
+        eos_id = backend.token_to_id(EOS_TOKEN)
+        if eos_id != EOS_TOKEN_ID:
+            raise ValueError(
+                f"tokenizer must map {EOS_TOKEN!r} to id {EOS_TOKEN_ID}, found id {eos_id}"
+            )
+        self._tok = backend
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+        """Train a byte-level BPE tokenizer on ``texts``.
+
+        Args:
+            texts: training texts (any iterable of strings, e.g. document texts).
+            vocab_size: target vocabulary size including the 256 byte symbols and
+                ``<|endoftext|>``; the result can be smaller if the texts run out of merges.
+            min_frequency: minimum pair count for a merge.
+
+        Raises:
+            ValueError: ``vocab_size`` < 258 or ``min_frequency`` < 1.
+        """
+        if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(
+                f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 bytes + {EOS_TOKEN} + "
+                f"at least one merge), got {vocab_size!r}"
+            )
+        if not isinstance(min_frequency, int) or min_frequency < 1:
+            raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
+        backend = _HFTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[EOS_TOKEN],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
+        return cls(backend)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        """Load a tokenizer from a ``tokenizer.json`` file or a directory containing one.
+
+        Raises:
+            FileNotFoundError: no tokenizer file at ``path``.
+        """
+        path = Path(path)
+        file = path / TOKENIZER_FILENAME if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {file}")
+        return cls(_HFTokenizer.from_file(str(file)))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the tokenizer as JSON to ``path`` (a file, or a directory -> ``tokenizer.json``).
+
+        Returns the path of the written file.
+        """
+        path = Path(path)
+        file = path / TOKENIZER_FILENAME if path.is_dir() else path
+        file.parent.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(file))
+        return file
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included (ids are ``0 .. vocab_size - 1``)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_token_id(self) -> int:
+        """Id of ``<|endoftext|>`` (always 0)."""
+        return EOS_TOKEN_ID
+
+    @property
+    def eos_token(self) -> str:
+        return EOS_TOKEN
+
+    @property
+    def backend(self) -> _HFTokenizer:
+        """The wrapped ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos_token_id={EOS_TOKEN_ID})"
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(self, text: str) -> list[int]:
+        """Encode one string to token ids (length ``T``); no end-of-text token is added."""
+        return self._tok.encode(text).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many strings in parallel; returns one id list per input string."""
+        texts = list(texts)
+        fast = getattr(self._tok, "encode_batch_fast", None)  # tokenizers >= 0.21, no offsets
+        encodings = fast(texts) if fast is not None else self._tok.encode_batch(texts)
+        return [enc.ids for enc in encodings]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Decode token ids back to text.
+
+        With the default ``skip_special_tokens=False`` an end-of-text id decodes to the literal
+        ``<|endoftext|>``, which keeps ``decode(encode(s)) == s`` exact for every string.
+        """
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
