@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= runs/demo
-DEMO_STEPS ?= 600
+DEMO_STEPS ?= 250
 
 .PHONY: venv demo test lint clean
 

@@ -4,6 +4,7 @@
     hybridlm data prepare    --input CORPUS --tokenizer tok/ --out data/
     hybridlm train           --preset tiny --data data/ --steps 300 --out runs/x
     hybridlm generate        --model runs/x --prompt "Once upon a time"
+    hybridlm presets
     hybridlm demo            --out runs/demo
 """
 
@@ -78,6 +79,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(tokenizer.decode(out[0].tolist(), skip_special_tokens=True))
 
 
+def cmd_presets(args: argparse.Namespace) -> None:
+    import torch
+
+    from hybridlm.config import ModelConfig
+    from hybridlm.model import HybridLM
+
+    print(f"{'preset':<24} {'layers':>6} {'hidden':>6} {'total params':>14} {'active':>14}")
+    for name in sorted(PRESETS):
+        config = ModelConfig.from_preset(name)
+        with torch.device("meta"):  # sizes only: no memory is allocated
+            model = HybridLM(config)
+        print(f"{name:<24} {config.num_hidden_layers:>6} {config.hidden_size:>6} "
+              f"{model.num_parameters():>14,} {model.num_parameters(active=True):>14,}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from hybridlm.demo import run_demo
 
@@ -138,10 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("presets", help="list presets with total and active parameter counts")
+    p.set_defaults(func=cmd_presets)
+
     p = sub.add_parser("demo", help="prepare the shipped corpus, train the tiny model, sample")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--max-minutes", type=float, default=9.0)
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--max-minutes", type=float, default=10.0)
     p.add_argument("--vocab-size", type=int, default=8192)
     p.set_defaults(func=cmd_demo)
     return parser

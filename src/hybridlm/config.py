@@ -166,7 +166,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "complexity-deep-187m": {},
     # Complexity-Deep 1.5B (paper Table 3), same components as the 187M model.
     # With mu projections and a shared expert these dimensions give ~2.08B parameters;
-    # the paper's "1.5B" is met only by attention + routed experts alone (docs/presets.md).
+    # the paper's "1.5B" is met only by attention + routed experts alone (see README).
     "complexity-deep-1.5b": dict(
         hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
         intermediate_size=8192, max_position_embeddings=4096,

@@ -83,12 +83,13 @@ class Tokenizer:
         return cls(_HFTokenizer.from_file(str(file)))
 
     def save(self, path: str | Path) -> Path:
-        """Write the tokenizer as JSON to ``path`` (a file, or a directory -> ``tokenizer.json``).
+        """Write the tokenizer as JSON to ``path``: a ``*.json`` file, or else a directory
+        (created if needed) that receives ``tokenizer.json``.
 
         Returns the path of the written file.
         """
         path = Path(path)
-        file = path / TOKENIZER_FILENAME if path.is_dir() else path
+        file = path if path.suffix == ".json" else path / TOKENIZER_FILENAME
         file.parent.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(file))
         return file

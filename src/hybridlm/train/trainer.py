@@ -124,7 +124,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     metrics = (out / "metrics.jsonl").open("w")
     tokens_per_step = cfg.batch_size * cfg.seq_len
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(cfg.steps), desc="train", disable=not progress, dynamic_ncols=True,
+               mininterval=2.0)
     loss_value, val_loss, step = math.nan, math.nan, 0
     for step in bar:
         window = sampler.batch(step).to(device)  # (B, T + 1)

@@ -1,0 +1,52 @@
+"""The command line, end to end on a slice of the demo corpus."""
+
+import json
+
+import pytest
+
+from hybridlm.cli import main
+
+
+def test_tokenizer_prepare_train_generate(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    from hybridlm.data import DEMO_CORPUS, load_documents
+
+    docs = load_documents(DEMO_CORPUS)[::10]
+    corpus.write_text("".join(
+        json.dumps({"id": d.id, "text": d.text[:4000]}) + "\n" for d in docs))
+    assert main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "400",
+                 "--out", str(tmp_path / "tok")]) == 0
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+    assert main(["data", "prepare", "--input", str(corpus), "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(tmp_path / "data")]) == 0
+    assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "data"), "--steps", "3",
+                 "--batch-size", "2", "--seq-len", "32", "--eval-every", "3",
+                 "--eval-batches", "1", "--out", str(tmp_path / "run"),
+                 "--set", "hidden_size=32", "--set", "num_hidden_layers=1",
+                 "--set", "intermediate_size=64", "--set", "routing=zipf"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "run"), "--prompt", "The Congress",
+                 "--max-new-tokens", "5", "--greedy"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("The Congress") and len(text.strip()) > len("The Congress")
+
+
+def test_errors_are_one_line_messages(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    assert main(["data", "prepare", "--input", str(tmp_path / "none.jsonl"), "--tokenizer",
+                 str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_unknown_preset_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "huge", "--data", "d", "--out", "o"])
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_presets_lists_total_and_active_counts(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("complexity-deep-187m"))
+    assert row.split()[-2:] == ["186,822,144", "123,121,152"]
