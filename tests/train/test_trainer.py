@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 
@@ -18,7 +19,7 @@ SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 256,
 def test_warmup_cosine_shape():
     lrs = [warmup_cosine(s, 10, 110, 0.1) for s in range(130)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:110], lrs[10:111], strict=True))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:111]))
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
     assert lrs[110] == pytest.approx(0.1) and lrs[129] == pytest.approx(0.1)
 
