@@ -34,11 +34,28 @@ class GroupedExperts(nn.Module):
         per-expert slot counts (E,).
         """
         num_tokens, top_k = expert_ids.shape
-        order, counts = ops.sort_by_expert(expert_ids, self.num_experts)
-        token_of_slot = order // top_k  # (M,) source token of each sorted slot
+        token_idx = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
+        flat_weights = weights.reshape(-1) if weights is not None else None
+        return self.forward_slots(x, token_idx, expert_ids.reshape(-1), flat_weights)
+
+    def forward_slots(
+        self,
+        x: torch.Tensor,
+        token_idx: torch.Tensor,
+        expert_idx: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routed slots in any number per token (expert choice, dropped tokens).
+
+        x (N, H); token_idx, expert_idx, weights: (M,) — slot m sends token token_idx[m] to
+        expert expert_idx[m] with weight weights[m]. A token in no slot gets y = 0.
+        Returns y (N, H) and per-expert slot counts (E,).
+        """
+        order, counts = ops.sort_by_expert(expert_idx, self.num_experts)
+        token_of_slot = token_idx[order]  # (M,) source token of each sorted slot
         y_sorted = ops.grouped_swiglu(x[token_of_slot], counts, self.w_gate, self.w_up, self.w_down)
         if weights is not None:
-            y_sorted = y_sorted * weights.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
-        y = y_sorted.new_zeros(num_tokens, x.shape[-1])
+            y_sorted = y_sorted * weights[order].unsqueeze(-1).to(y_sorted.dtype)
+        y = y_sorted.new_zeros(x.shape[0], x.shape[-1])
         y.index_add_(0, token_of_slot, y_sorted)
         return y, counts

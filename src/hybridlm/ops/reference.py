@@ -15,8 +15,8 @@ import torch.nn.functional as F
 def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Order the routed slots by expert.
 
-    expert_ids: (N, k) long in [0, E).
-    Returns order (M,) — indices into the flattened (N*k) slots, grouped by expert, stable
+    expert_ids: (M,) or (N, k) long in [0, E) — one entry per routed slot.
+    Returns order (M,) — indices into the flattened slots, grouped by expert, stable
     within an expert — and counts (E,) — how many slots each expert received. Expert e owns
     the sorted slots [offsets[e], offsets[e] + counts[e]) with offsets = cumsum(counts) - counts:
     dispatch follows the real counts, never equal N/E splits.
