@@ -53,14 +53,14 @@ def test_missing_and_unexpected_tensors_are_listed(make_model, tmp_path):
     make_model().save_pretrained(tmp_path / "m")
     path = tmp_path / "m" / "model.safetensors"
     state = load_file(str(path))
-    del state["layers.1.attn.o_proj.weight"]
+    del state["layers.1.mixer.o_proj.weight"]
     state["layers.9.extra"] = torch.zeros(2)
     state["norm.weight"] = torch.zeros(5)
     save_file(state, str(path))
     with pytest.raises(CheckpointError) as err:
         HybridLM.from_pretrained(tmp_path / "m")
     msg = str(err.value)
-    assert "layers.1.attn.o_proj.weight" in msg and "layers.9.extra" in msg
+    assert "layers.1.mixer.o_proj.weight" in msg and "layers.9.extra" in msg
     assert "norm.weight: file (5,) vs model (32,)" in msg
 
 

@@ -79,19 +79,28 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(tokenizer.decode(out[0].tolist(), skip_special_tokens=True))
 
 
-def cmd_presets(args: argparse.Namespace) -> None:
+def preset_parameter_counts(name: str) -> tuple[int, int]:
+    """(total, active) parameters of a preset, built on the meta device (no memory used)."""
     import torch
 
     from hybridlm.config import ModelConfig
     from hybridlm.model import HybridLM
 
-    print(f"{'preset':<24} {'layers':>6} {'hidden':>6} {'total params':>14} {'active':>14}")
+    with torch.device("meta"):
+        model = HybridLM(ModelConfig.from_preset(name))
+    return model.num_parameters(), model.num_parameters(active=True)
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from hybridlm.config import ModelConfig
+
+    print(f"{'preset':<24} {'layers':>6} {'hidden':>6} {'mixers':>10} {'total params':>15} "
+          f"{'active':>15}")
     for name in sorted(PRESETS):
         config = ModelConfig.from_preset(name)
-        with torch.device("meta"):  # sizes only: no memory is allocated
-            model = HybridLM(config)
+        total, active = preset_parameter_counts(name)
         print(f"{name:<24} {config.num_hidden_layers:>6} {config.hidden_size:>6} "
-              f"{model.num_parameters():>14,} {model.num_parameters(active=True):>14,}")
+              f"{config.mixer_pattern:>10} {total:>15,} {active:>15,}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

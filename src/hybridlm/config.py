@@ -321,6 +321,11 @@ def _choice(cfg: ModelConfig, name: str, allowed: tuple[str, ...]) -> None:
 
 
 # Presets are data: overrides of the dataclass defaults (which are the 187M model).
+_NEXUS: dict[str, Any] = dict(
+    mlp_type="moe", mlp_pattern="DE", moe_router="topk", moe_top_k=2, moe_capacity_factor=1.25,
+    moe_num_shared=1, shared_expert_ratio=0.5, moe_balance="aux_free", use_mu_guidance=False,
+    max_position_embeddings=4096,
+)
 PRESETS: dict[str, dict[str, Any]] = {
     # Complexity-Deep 187M (project page): 4 experts of 512 + a 512-wide shared expert.
     "complexity-deep-187m": {},
@@ -330,6 +335,33 @@ PRESETS: dict[str, dict[str, Any]] = {
     "complexity-deep-1.5b": dict(
         hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
         intermediate_size=8192, max_position_embeddings=4096,
+    ),
+    # Nexus hybrids (MoE research note): attention + Mamba, MoE every other layer, top-2 of
+    # learned experts with a half-width shared expert and loss-free bias balancing.
+    # The note gives only width, depth and expert counts; the other sizes are ours, and the
+    # resulting counts differ from the note's table (see README, `hybridlm presets`).
+    "nexus-tiny": dict(_NEXUS, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=4, intermediate_size=1024, mixer_pattern="AMMM",
+                       num_experts=4),
+    "nexus-small": dict(_NEXUS, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                        num_key_value_heads=8, intermediate_size=2048, mixer_pattern="AMMMMM",
+                        num_experts=8, num_experts_per_layer=[0, 8, 0, 8, 0, 16]),
+    "nexus-base": dict(_NEXUS, hidden_size=1024, num_hidden_layers=12, num_attention_heads=16,
+                       num_key_value_heads=16, intermediate_size=4096, mixer_pattern="AMMMMM",
+                       num_experts=16),
+    "nexus-large": dict(_NEXUS, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                        num_key_value_heads=16, intermediate_size=8192,
+                        mixer_pattern="AMMMMMMM", num_experts=32),
+    # Jamba layout at CPU size: one attention layer per eight, MoE every other layer.
+    "jamba-tiny": dict(_NEXUS, vocab_size=8192, hidden_size=128, num_hidden_layers=8,
+                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=512,
+                       mixer_pattern="AMMMMMMM", num_experts=4, moe_num_shared=0,
+                       max_position_embeddings=512),
+    # CORVUS-CORAX's MLA case: d = 4096 with a 512-wide cached latent (d / d_c = 8).
+    "corvus-mla": dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        intermediate_size=11008, mlp_type="dense", use_mu_guidance=False, mixer_pattern="L",
+        mla_kv_rank=512, mla_rope_dim=64, mla_q_rank=1536, max_position_embeddings=4096,
     ),
     # CPU-sized model for tests and the demo.
     "tiny": dict(

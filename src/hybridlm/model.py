@@ -1,17 +1,9 @@
 """HybridLM: embed -> [Block x L] -> RMSNorm -> lm_head (tied).
 
-A Block is  mixer (attention, optionally mu-guided) -> MLP (dense | token_routed),
-with mu flowing from block to block and an optional PiD-style scaler on the residual:
-
-    a     = attn(norm(h), mu_prev)
-    m     = mlp(norm(h + a), token_ids)
-    delta = a + m                                   # the block's residual contribution
-    mu    = update(h + delta, mu_prev)              # next layer's mu (Complexity-Deep 3.3)
-    h_out = h + s * delta,  s = scaler(h + delta, mu, mu_prev)   (s = 1 without the scaler)
-    h_out = clamp(h_out, -C, C)                     # optional activation clamping (3.5)
-
-Layer 0 reads a learnable `mu_init`. The last block produces no mu unless the scaler reads it:
-nothing else would consume it, and a parameter that never gets gradient is dead weight.
+Each Block (layers/block.py) is a mixer (GQA attention, MLA or Mamba) followed by an MLP
+(dense, token-routed or learned MoE), laid out over the depth by the config's pattern
+strings; mu flows from attention layer to attention layer, starting from a learnable
+`mu_init`.
 
 Glossary: B batch, T tokens, H hidden, V vocab, L layers, E experts.
 """
@@ -19,6 +11,7 @@ Glossary: B batch, T tokens, H hidden, V vocab, L layers, E experts.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,79 +21,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlm.config import ModelConfig
-from hybridlm.layers.attention import Attention, KVCache
+from hybridlm.layers.block import Block, mu_reading_layers
 from hybridlm.layers.experts import GroupedExperts
-from hybridlm.layers.mlp import DenseMLP
-from hybridlm.layers.mu import MuUpdate
+from hybridlm.layers.moe import MoEMLP
 from hybridlm.layers.norm import RMSNorm
-from hybridlm.layers.scaler import DynamicScaler
-from hybridlm.layers.token_routed import TokenRoutedMLP, TokenRoutedRouter
+from hybridlm.layers.token_routed import TokenRoutedRouter
 
 
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
     loss: torch.Tensor | None = None  # scalar mean next-token cross-entropy (+ aux losses)
-    aux: dict[str, Any] = field(default_factory=dict)  # per-layer expert counts, mu norms
+    aux: dict[str, Any] = field(default_factory=dict)  # router stats per layer, mu norms
 
 
 @dataclass
 class ModelCache:
-    """Everything a model needs to continue a sequence: one cache per layer + tokens seen."""
+    """Everything a model needs to continue a sequence: one cache per layer + tokens seen.
+    Layer caches are the mixers' own (KV, MLA latent, or Mamba conv/SSM state)."""
 
-    layers: list[KVCache]
+    layers: list[Any]
     length: int = 0
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
-
-
-class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
-        c = config
-        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.attn = Attention(
-            c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.rope_theta,
-            c.use_qk_norm, use_mu=c.use_mu_guidance, eps=c.rms_norm_eps,
-        )
-        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        if c.mlp_type == "token_routed":
-            self.mlp = TokenRoutedMLP(
-                c.hidden_size, c.expert_intermediate_size, c.num_experts, c.vocab_size,
-                c.shared_intermediate_size if c.shared_expert else None,
-            )
-        else:
-            self.mlp = DenseMLP(c.hidden_size, c.intermediate_size)
-        is_last = layer_idx == c.num_hidden_layers - 1
-        produces_mu = c.use_mu_guidance and (not is_last or c.use_dynamic_scaler)
-        self.mu_update = (
-            MuUpdate(c.hidden_size, c.mu_update, c.mu_clamp, c.mu_ema_alpha, c.mu_ema_beta)
-            if produces_mu else None
-        )
-        self.scaler = DynamicScaler(c.scaler_bias_init) if c.use_dynamic_scaler else None
-        self.activation_clamp = c.activation_clamp
-
-    def forward(
-        self,
-        h: torch.Tensor,
-        *,
-        token_ids: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache | None,
-        mu_prev: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-        """h (B, T, H), mu_prev (B, T, H) or None -> (h_out, mu or None, mlp stats)."""
-        a = self.attn(self.attn_norm(h), positions=positions, cache=cache, mu_prev=mu_prev)
-        m, stats = self.mlp(self.mlp_norm(h + a), token_ids=token_ids)
-        delta = a + m
-        mu = self.mu_update(h + delta, mu_prev) if self.mu_update is not None else None
-        if self.scaler is not None:
-            delta = self.scaler(h + delta, mu, mu_prev) * delta
-        h = h + delta
-        if self.activation_clamp is not None:
-            h = h.clamp(-self.activation_clamp, self.activation_clamp)
-        return h, mu, stats
 
 
 class HybridLM(nn.Module):
@@ -110,7 +54,8 @@ class HybridLM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.mu_init = (
-            nn.Parameter(torch.zeros(config.hidden_size)) if config.use_mu_guidance else None
+            nn.Parameter(torch.zeros(config.hidden_size))
+            if any(mu_reading_layers(config)) else None
         )
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -128,7 +73,7 @@ class HybridLM(nn.Module):
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                is_output = name.endswith(("o_proj", "down_proj"))
+                is_output = name.endswith(("o_proj", "down_proj", "out_proj"))
                 nn.init.normal_(module.weight, 0.0, out_std if is_output else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -140,9 +85,12 @@ class HybridLM(nn.Module):
                 nn.init.normal_(module.w_gate, 0.0, std)
                 nn.init.normal_(module.w_up, 0.0, std)
                 nn.init.normal_(module.w_down, 0.0, out_std)
-        # Second pass: modules whose Linear children must not keep the generic init above.
+        # Second pass: our own modules with a special init (mu at zero, the scaler's bias,
+        # Mamba's A and dt) override the generic init of their Linear children above.
         for module in self.modules():
-            if isinstance(module, (MuUpdate, DynamicScaler)):
+            if type(module).__module__.startswith("hybridlm.") and hasattr(
+                module, "reset_parameters"
+            ):
                 module.reset_parameters()
         if self.mu_init is not None:
             nn.init.zeros_(self.mu_init)
@@ -160,6 +108,8 @@ class HybridLM(nn.Module):
         cached sequence and the cache is advanced by T."""
         self._check_input_ids(input_ids)
         seq = input_ids.shape[1]
+        if cache is not None:
+            self._check_causal()
         start = cache.length if cache is not None else 0
         if start + seq > self.config.max_position_embeddings:
             raise ValueError(
@@ -169,19 +119,22 @@ class HybridLM(nn.Module):
         positions = torch.arange(start, start + seq, device=input_ids.device)
         h = self.embed_tokens(input_ids)  # (B, T, H)
         mu = self.mu_init.to(h.dtype).expand_as(h) if self.mu_init is not None else None
-        expert_counts, mu_norms = [], []
+        prev_input = h
+        stats_per_layer, mu_norms = [], []
         for i, block in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            h, mu, stats = block(
-                h, token_ids=input_ids, positions=positions, cache=layer_cache, mu_prev=mu
-            )
-            if "expert_counts" in stats:
-                expert_counts.append(stats["expert_counts"])
-            if mu is not None:
+            block_input = h
+            h, mu, stats = block(h, token_ids=input_ids, positions=positions, cache=layer_cache,
+                                 mu_prev=mu, prev_input=prev_input)
+            prev_input = block_input
+            stats_per_layer.append(stats)
+            if block.mu_update is not None:
                 mu_norms.append(mu.detach().float().pow(2).mean().sqrt())
         if cache is not None:
             cache.length = start + seq
         logits = self.lm_head(self.norm(h))  # (B, T, V)
+        aux = _collect_aux(stats_per_layer)
+        aux["mu_norms"] = mu_norms
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -189,7 +142,9 @@ class HybridLM(nn.Module):
                 labels[:, 1:].reshape(-1),
                 ignore_index=-100,
             )
-        aux = {"expert_counts": expert_counts, "mu_norms": mu_norms}
+            aux["lm_loss"] = loss.detach()
+            if "aux_loss" in aux:
+                loss = loss + aux["aux_loss"]
         return ModelOutput(logits=logits, loss=loss, aux=aux)
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
@@ -214,7 +169,33 @@ class HybridLM(nn.Module):
         param = self.embed_tokens.weight
         device = device or param.device
         dtype = dtype or param.dtype
-        return ModelCache([b.attn.new_cache(batch, max_len, device, dtype) for b in self.layers])
+        return ModelCache([b.mixer.new_cache(batch, max_len, device, dtype) for b in self.layers])
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Cache bytes each generated token adds, over all layers, measured on the caches
+        `generate` allocates (built on the meta device: nothing is allocated). Mamba layers
+        add 0 per token; their fixed state is in `cache_fixed_bytes`."""
+        one = self.new_cache(1, 1, torch.device("meta"), dtype).nbytes()
+        two = self.new_cache(1, 2, torch.device("meta"), dtype).nbytes()
+        return two - one
+
+    def cache_fixed_bytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Cache bytes per sequence that do not grow with its length (Mamba states)."""
+        one = self.new_cache(1, 1, torch.device("meta"), dtype).nbytes()
+        return one - self.kv_cache_bytes_per_token(dtype)
+
+    @property
+    def is_causal(self) -> bool:
+        """False when a layer's output depends on later tokens (expert-choice routing)."""
+        return all(getattr(b.mlp, "is_causal", True) for b in self.layers)
+
+    def _check_causal(self) -> None:
+        if not self.is_causal:
+            raise ValueError(
+                "moe_router='expert_choice' is not causal (an expert picks its tokens from the "
+                "whole sequence, future ones included), so it cannot decode with a cache or "
+                "generate; use moe_router='topk' for models that generate"
+            )
 
     @torch.no_grad()
     def generate(
@@ -232,6 +213,7 @@ class HybridLM(nn.Module):
         do_sample=False is greedy. Sequences that emitted eos_token_id are padded with it."""
         from hybridlm.infer.generate import generate
 
+        self._check_causal()
         return generate(
             self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
@@ -246,19 +228,38 @@ class HybridLM(nn.Module):
         for router in routers:
             router.set_table(table)
 
+    # --- MoE load balancing ----------------------------------------------------------------
+    def balance_step(self, reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Update every MoE layer's balancing state from the expert loads gathered since the
+        last call; call it after every optimizer step. Loads are summed over data-parallel
+        ranks first (`reduce`, default: all_reduce when torch.distributed is initialised)."""
+        if reduce is None and torch.distributed.is_available() and (
+            torch.distributed.is_initialized()
+        ):
+            reduce = torch.distributed.all_reduce
+        for module in self.modules():
+            if isinstance(module, MoEMLP):
+                load = module.pending_load().clone()
+                if reduce is not None:
+                    reduce(load)
+                module.apply_balance(load)
+
     # --- sizes ---------------------------------------------------------------------------------
     def num_parameters(self, active: bool = False) -> int:
         """Unique parameters (tied weights counted once). active=True counts only what one
-        token uses: for a token-routed layer, one routed expert of E."""
+        token uses: of each layer's routed experts, one (token-routed), k (top-k) or, on
+        average, capacity_factor (expert choice)."""
         total = sum(p.numel() for p in self.parameters())
         if not active:
             return total
-        inactive = 0
-        for module in self.modules():
-            if isinstance(module, GroupedExperts):
-                per_expert = sum(p[0].numel() for p in module.parameters())
-                inactive += (module.num_experts - 1) * per_expert
-        return total - inactive
+        inactive = 0.0
+        for block in self.layers:
+            experts = getattr(block.mlp, "experts", None)
+            if isinstance(experts, GroupedExperts):
+                per_expert = sum(p[0].numel() for p in experts.parameters())
+                used = getattr(block.mlp, "active_experts_per_token", 1)
+                inactive += (experts.num_experts - used) * per_expert
+        return total - round(inactive)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
@@ -274,3 +275,18 @@ class HybridLM(nn.Module):
         from hybridlm.checkpoint import load_model
 
         return load_model(cls, directory, device=device)
+
+
+def _collect_aux(stats_per_layer: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Per-layer router statistics -> lists over the expert layers, plus the summed aux loss."""
+    aux: dict[str, Any] = {"expert_counts": [], "router_entropy": [], "dropped_tokens": []}
+    aux_losses = []
+    for stats in stats_per_layer:
+        for key in ("expert_counts", "router_entropy", "dropped_tokens"):
+            if key in stats:
+                aux[key].append(stats[key])
+        if "aux_loss" in stats:
+            aux_losses.append(stats["aux_loss"])
+    if aux_losses:
+        aux["aux_loss"] = torch.stack(aux_losses).sum()
+    return aux

@@ -29,9 +29,9 @@ def test_no_weight_decay_on_norms_biases_embeddings(make_model):
     decay, no_decay = param_groups(model, 0.1)
     no_decay_ids = {id(p) for p in no_decay["params"]}
     assert id(model.embed_tokens.weight) in no_decay_ids
-    assert id(model.layers[0].attn_norm.weight) in no_decay_ids
+    assert id(model.layers[0].mixer_norm.weight) in no_decay_ids
     assert id(model.layers[0].scaler.controller.bias) in no_decay_ids
-    assert id(model.layers[0].attn.qkv_proj.weight) in {id(p) for p in decay["params"]}
+    assert id(model.layers[0].mixer.qkv_proj.weight) in {id(p) for p in decay["params"]}
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
 
 

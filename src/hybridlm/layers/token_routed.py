@@ -47,6 +47,7 @@ class TokenRoutedMLP(nn.Module):
         shared_intermediate_size: int | None,
     ) -> None:
         super().__init__()
+        self.active_experts_per_token = 1
         self.router = TokenRoutedRouter(vocab_size, num_experts)
         self.experts = GroupedExperts(num_experts, hidden_size, expert_intermediate_size)
         self.shared = (

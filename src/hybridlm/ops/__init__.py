@@ -1,12 +1,23 @@
 """Hot ops, called by the layers through this module only.
 
-Each op's pure-torch implementation lives in `reference.py`. A fast kernel for an op is
-registered here next to its reference twin, so the choice of implementation stays in one
-place and layers never import triton or CUDA code directly.
+Each op's pure-torch implementation lives here (`reference.py`, `selective_scan.py`). A fast
+kernel for an op is registered here next to its reference twin, so the choice of
+implementation stays in one place and layers never import triton or CUDA code directly.
 """
 
 from __future__ import annotations
 
 from hybridlm.ops.reference import grouped_swiglu, sort_by_expert
+from hybridlm.ops.selective_scan import (
+    selective_scan_chunked,
+    selective_scan_sequential,
+    selective_scan_step,
+)
 
-__all__ = ["grouped_swiglu", "sort_by_expert"]
+__all__ = [
+    "grouped_swiglu",
+    "selective_scan_chunked",
+    "selective_scan_sequential",
+    "selective_scan_step",
+    "sort_by_expert",
+]

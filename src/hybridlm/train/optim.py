@@ -1,7 +1,8 @@
 """AdamW with decoupled weight decay on matrices only.
 
-Norm weights, biases, embeddings (and the tied lm_head), mu_init/mu_param vectors get no
-weight decay: shrinking them toward zero has no regularising meaning.
+Norm weights, biases, embeddings (and the tied lm_head), mu_init/mu_param vectors and
+parameters marked `_no_weight_decay` (Mamba's A_log and D) get no weight decay: shrinking them
+toward zero has no regularising meaning.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.dim() < 2 or id(param) in embedding_params:
+        if (param.dim() < 2 or id(param) in embedding_params
+                or getattr(param, "_no_weight_decay", False)):
             no_decay.append(param)
         else:
             decay.append(param)

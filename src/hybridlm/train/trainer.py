@@ -137,6 +137,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
+        model.balance_step()  # MoE bias balancing from this step's expert loads
         loss_value = loss.item()
         elapsed = time.perf_counter() - start
         record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0],

@@ -1,0 +1,181 @@
+"""Multi-Head Latent Attention (DeepSeek-V2/V3; CORVUS-CORAX section 4).
+
+Keys and values are rebuilt from ONE small latent per token: c_kv = x W_dkv, K = c_kv W_uk,
+V = c_kv W_uv. Only the latent and a single decoupled RoPE key are cached, so the cache costs
+r + dr numbers per token instead of 2 * nh * d.
+
+RoPE cannot go through the latent (a position-dependent rotation between q and W_uk would stop
+W_uk from being folded into the query), so position enters through a separate dr-wide part:
+q_rope per head and one k_rope shared by every head. Scores are
+(q_nope . k_nope + q_rope . k_rope) / sqrt(d + dr).
+
+Two equivalent ways to attend:
+- plain: expand K (B, nh, S, d+dr) and V (B, nh, S, d) from the latent, then SDPA;
+- absorbed (decode, `mla_absorb`): fold W_uk into the query and W_uv into the output, so
+  attention runs directly over the cached latent and K/V are never formed.
+
+Glossary: B batch, T new tokens, S cached + new tokens, H hidden, nh heads, d per-head
+nope/value dim (H / nh), dr RoPE dim, r kv latent rank, rq query latent rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridlm.config import ModelConfig
+from hybridlm.layers.attention import _causal_mask_args
+from hybridlm.layers.norm import RMSNorm
+from hybridlm.layers.rope import RotaryEmbedding, apply_rope
+
+
+@dataclass
+class MLACache:
+    """Preallocated latent cache of one MLA layer; `length` tokens are filled.
+
+    Holds only what MLA needs to rebuild attention: the normalised latent and the already
+    rotated shared RoPE key. No per-head keys or values.
+    """
+
+    c_kv: torch.Tensor  # (B, max_len, r)
+    k_rope: torch.Tensor  # (B, max_len, dr)
+    length: int = 0
+
+    def append(
+        self, c_kv: torch.Tensor, k_rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write c_kv (B, T, r) / k_rope (B, T, dr) after the filled part; return (B, S, .)."""
+        start, end = self.length, self.length + c_kv.shape[1]
+        capacity = self.c_kv.shape[1]
+        if end > capacity:
+            raise ValueError(
+                f"MLA cache holds {capacity} tokens; {end} requested "
+                f"({start} cached + {c_kv.shape[1]} new)"
+            )
+        self.c_kv[:, start:end] = c_kv
+        self.k_rope[:, start:end] = k_rope
+        self.length = end
+        return self.c_kv[:, :end], self.k_rope[:, :end]
+
+    def nbytes(self) -> int:
+        return (self.c_kv.numel() * self.c_kv.element_size()
+                + self.k_rope.numel() * self.k_rope.element_size())
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden, nh = config.hidden_size, config.num_attention_heads
+        self.num_heads = nh
+        self.head_dim = d = hidden // nh
+        self.kv_rank = r = config.mla_kv_rank
+        self.rope_dim = dr = config.mla_rope_dim
+        self.q_rank = config.mla_q_rank
+        self.absorb = config.mla_absorb
+        self.scale = 1.0 / math.sqrt(d + dr)
+        eps = config.rms_norm_eps
+
+        q_out = nh * (d + dr)
+        if config.mla_q_rank is None:
+            self.q_proj = nn.Linear(hidden, q_out, bias=False)
+        else:
+            self.q_down = nn.Linear(hidden, config.mla_q_rank, bias=False)
+            self.q_norm = RMSNorm(config.mla_q_rank, eps)
+            self.q_up = nn.Linear(config.mla_q_rank, q_out, bias=False)
+        self.kv_down = nn.Linear(hidden, r + dr, bias=False)  # W_dkv and the RoPE key
+        self.kv_norm = RMSNorm(r, eps)
+        self.k_up = nn.Linear(r, nh * d, bias=False)  # W_uk
+        self.v_up = nn.Linear(r, nh * d, bias=False)  # W_uv
+        self.o_proj = nn.Linear(nh * d, hidden, bias=False)
+        self.rope = RotaryEmbedding(dr, config.rope_theta)
+
+    def new_cache(
+        self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> MLACache:
+        return MLACache(
+            torch.zeros(batch, max_len, self.kv_rank, device=device, dtype=dtype),
+            torch.zeros(batch, max_len, self.rope_dim, device=device, dtype=dtype),
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        positions: torch.Tensor,
+        cache: MLACache | None = None,
+        mu_prev: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, H), positions (T,) absolute -> (B, T, H). mu_prev is accepted and ignored."""
+        del mu_prev  # same call signature as the GQA mixer; MLA does not read mu
+        batch, seq, _ = x.shape
+        q_nope, q_rope, c_kv, k_rope = self._project(x, positions)
+        if cache is not None:
+            c_kv, k_rope = cache.append(c_kv, k_rope)  # (B, S, r), (B, S, dr)
+        # Absorption pays off when K/V would be rebuilt for every cached token at each step,
+        # i.e. decoding with a cache; a cacheless full forward uses the plain form.
+        attend = self._attend_absorbed if (self.absorb and cache is not None) else self._attend
+        y = attend(q_nope, q_rope, c_kv, k_rope)  # (B, nh, T, d)
+        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+
+    def _project(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, H) -> q_nope (B, nh, T, d), q_rope (B, nh, T, dr) rotated,
+        c_kv (B, T, r) normalised, k_rope (B, T, dr) rotated."""
+        batch, seq, _ = x.shape
+        nh, d, dr = self.num_heads, self.head_dim, self.rope_dim
+        if self.q_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_up(self.q_norm(self.q_down(x)))
+        q = q.view(batch, seq, nh, d + dr).transpose(1, 2)  # (B, nh, T, d+dr)
+        q_nope, q_rope = q.split([d, dr], dim=-1)
+        c_kv, k_rope = self.kv_down(x).split([self.kv_rank, dr], dim=-1)  # (B, T, r), (B, T, dr)
+        cos, sin = self.rope.cos_sin(positions)  # (T, dr)
+        q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
+        return q_nope, q_rope, self.kv_norm(c_kv), k_rope
+
+    def _attend(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor
+    ) -> torch.Tensor:
+        """Plain MLA: rebuild per-head K and V from the latent. Returns (B, nh, T, d)."""
+        batch, seq_k, _ = c_kv.shape
+        nh, d = self.num_heads, self.head_dim
+        k_nope = self.k_up(c_kv).view(batch, seq_k, nh, d).transpose(1, 2)  # (B, nh, S, d)
+        v = self.v_up(c_kv).view(batch, seq_k, nh, d).transpose(1, 2)  # (B, nh, S, d)
+        k_rope = k_rope.unsqueeze(1).expand(-1, nh, -1, -1)  # (B, nh, S, dr), one key for all
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, nh, T, d+dr)
+        k = torch.cat([k_nope, k_rope], dim=-1)  # (B, nh, S, d+dr)
+        # SDPA allows the q/k width (d+dr) to differ from the value width (d).
+        return F.scaled_dot_product_attention(
+            q, k, v, **_causal_mask_args(q.shape[2], seq_k, q.device), scale=self.scale
+        )
+
+    def _attend_absorbed(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor
+    ) -> torch.Tensor:
+        """Absorbed MLA over the latent; K/V are never formed. Returns (B, nh, T, d).
+
+        q_nope . (W_uk_h c) = (q_nope W_uk_h) . c, so the query moves into latent space, and
+        P (c W_uv_h^T) = (P c) W_uv_h^T, so values are up-projected after attention.
+        """
+        nh, d, r = self.num_heads, self.head_dim, self.kv_rank
+        w_uk = self.k_up.weight.view(nh, d, r)  # (nh, d, r)
+        w_uv = self.v_up.weight.view(nh, d, r)  # (nh, d, r)
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, nh, T, r)
+        # Concatenating [q_lat, q_rope] . [c_kv, k_rope] gives q_lat.c_kv + q_rope.k_rope in one
+        # product: attention with a single key/value head (the latent) shared by all nh heads.
+        q = torch.cat([q_lat, q_rope], dim=-1)  # (B, nh, T, r+dr)
+        k = torch.cat([c_kv, k_rope], dim=-1).unsqueeze(1)  # (B, 1, S, r+dr)
+        v = c_kv.unsqueeze(1)  # (B, 1, S, r)
+        batch, seq_k = c_kv.shape[0], c_kv.shape[1]
+        # expand is a stride-0 view: no per-head copy of the latent.
+        o_lat = F.scaled_dot_product_attention(
+            q, k.expand(batch, nh, seq_k, -1), v.expand(batch, nh, seq_k, -1),
+            **_causal_mask_args(q.shape[2], seq_k, q.device), scale=self.scale,
+        )  # (B, nh, T, r)
+        return torch.einsum("bhtr,hdr->bhtd", o_lat, w_uv)  # (B, nh, T, d)

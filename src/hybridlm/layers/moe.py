@@ -1,0 +1,327 @@
+"""Learned Mixture-of-Experts MLP: top-k or expert-choice routing, shared experts, capacity.
+
+    y = shared(x) + sum over routed slots (n, e) of  w[n, e] * Expert_e(x_routed[n])
+
+A router only decides the slots (token, expert, weight); `GroupedExperts` computes them, so
+every routing shares one expert implementation. `x_routed` is x itself, or with ScMoE the
+previous block's normalised input (`shortcut`): the routed experts and the router read it
+while the shared experts read x.
+
+Routers (config.moe_router):
+  topk           each token picks its k best experts (Switch k=1, Mixtral k=2). An optional
+                 capacity drops the overflow of busy experts, in training only.
+  expert_choice  each expert picks its C best tokens (Zhou et al. 2022): balanced by
+                 construction, but NOT causal — a token's experts depend on the other tokens.
+
+Balancing (config.moe_balance):
+  aux_loss  Switch loss coef * E * sum_e f_e * P_e, returned in the stats for the model to add.
+  aux_free  DeepSeek-V3: a per-expert bias added to the scores for selection only, moved by
+            +-gamma towards the mean load at every `apply_balance`.
+  ema       CORVUS-CORAX eq. 5: the same bias, moved by rate * (EMA of the load - target).
+  none      nothing.
+
+Glossary: B batch, T time, N = B*T tokens, H hidden, E experts, k experts per token,
+C capacity (slots one expert may take), M routed slots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridlm.config import ModelConfig
+from hybridlm.layers.experts import GroupedExperts
+from hybridlm.layers.mlp import SwiGLU
+
+SCORES = ("softmax", "sigmoid")
+
+
+def _ceil(value: float) -> int:
+    # ceil of a float ratio; the tiny slack keeps 12.000000000000002 from becoming 13.
+    return math.ceil(value - 1e-9)
+
+
+def _fp32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (N, H) @ weight (E, H)^T in float32 whatever the surrounding autocast says.
+
+    Routing is a discrete decision on small logit gaps: bf16/fp16 rounding flips near-ties and
+    is known to collapse routing onto few experts, so the gate always runs in fp32.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float())  # (N, E) float32
+
+
+def _scores(logits: torch.Tensor, score: str) -> torch.Tensor:
+    """(N, E) logits -> (N, E) scores: softmax over the experts, or independent sigmoids."""
+    return logits.softmax(dim=-1) if score == "softmax" else logits.sigmoid()
+
+
+def _check_router_args(num_experts: int, score: str) -> None:
+    if num_experts < 1:
+        raise ValueError(f"num_experts={num_experts} must be >= 1")
+    if score not in SCORES:
+        raise ValueError(f"moe_score={score!r} is not one of {list(SCORES)}")
+
+
+class TopKRouter(nn.Module):
+    """Token choice: every token picks its top_k experts.
+
+    Returns expert_ids (N, k) long, weights (N, k) float32, probs (N, E) float32 (the scores).
+    `expert_bias` (E,) shifts which experts are selected (aux-free balancing) but never the
+    weights: those are the unbiased scores of the chosen experts (renormalised to sum 1 when
+    `renormalize`). Note: softmax with k=1 and renormalize gives weight 1 for every token, so
+    the gate then learns only through the aux loss.
+    """
+
+    def __init__(
+        self, hidden_size: int, num_experts: int, top_k: int, score: str = "softmax",
+        renormalize: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_router_args(num_experts, score)
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"moe_top_k={top_k} must lie in [1, num_experts={num_experts}]")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.score, self.renormalize = score, renormalize
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        # Persistent: a reloaded model must select exactly as the trained one did.
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        probs = _scores(_fp32_logits(x, self.gate.weight), self.score)  # (N, E)
+        biased = probs + self.expert_bias.float()  # (N, E), selection only
+        expert_ids = biased.topk(self.top_k, dim=-1).indices  # (N, k)
+        weights = probs.gather(-1, expert_ids)  # (N, k) unbiased scores, carry the gradient
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return expert_ids, weights, probs
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Expert choice: every expert takes its C best tokens, C = ceil(N * factor / E) in [1, N].
+
+    Scores are normalised over the experts of each token (softmax, as in the paper, or
+    sigmoid); each expert then ranks the tokens by its score column. A token may be taken by
+    several experts or by none (then only the shared experts and the residual see it).
+    Returns slots token_idx (M,), expert_idx (M,), weights (M,) with M = E * C (exactly C per
+    expert, grouped by expert) and probs (N, E) float32.
+    """
+
+    def __init__(
+        self, hidden_size: int, num_experts: int, capacity_factor: float | None = None,
+        score: str = "softmax",
+    ) -> None:
+        super().__init__()
+        _check_router_args(num_experts, score)
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"moe_capacity_factor={capacity_factor} must be > 0 (or None)")
+        self.num_experts, self.score = num_experts, score
+        self.capacity_factor = 1.0 if capacity_factor is None else capacity_factor
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+
+    def capacity(self, num_tokens: int) -> int:
+        """C = ceil(N * capacity_factor / E), clamped to [1, N]."""
+        c = _ceil(num_tokens * self.capacity_factor / self.num_experts)
+        return min(max(c, 1), num_tokens)
+
+    def forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        probs = _scores(_fp32_logits(x, self.gate.weight), self.score)  # (N, E)
+        c = self.capacity(x.shape[0])
+        weights, token_idx = probs.t().topk(c, dim=-1)  # (E, C) each: expert e's best tokens
+        expert_idx = torch.arange(self.num_experts, device=x.device).repeat_interleave(c)
+        return token_idx.reshape(-1), expert_idx, weights.reshape(-1), probs
+
+
+def _rank_within_expert(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(M,) expert of each slot -> (M,) how many earlier slots went to the same expert."""
+    order = torch.argsort(expert_idx, stable=True)  # slots grouped by expert, in slot order
+    counts = torch.bincount(expert_idx, minlength=num_experts)  # (E,)
+    starts = counts.cumsum(0) - counts  # (E,) first sorted position of each expert
+    rank_sorted = torch.arange(expert_idx.numel(), device=expert_idx.device)
+    rank_sorted = rank_sorted - starts[expert_idx[order]]
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    return rank
+
+
+class MoEMLP(nn.Module):
+    """Learned MoE with the shared MLP interface: forward(x, *, token_ids, shortcut) -> (y, stats).
+
+    Shared experts: `moe_num_shared` experts of width round(shared_expert_ratio * I) that
+    every token passes through are ONE SwiGLU of width moe_num_shared * round(ratio * I): the
+    sum of several SwiGLUs on the same input is exactly one SwiGLU with their hidden units
+    concatenated.
+
+    Capacity (top-k, `moe_capacity_factor` set): in training each expert keeps its first
+    C = ceil(N * k * factor / E) slots in token order (Switch-style priority by position) and
+    drops the rest; a dropped slot contributes nothing. In eval nothing is dropped, so a
+    sequence's output never depends on the rest of the batch and cached decoding equals the
+    full forward.
+
+    Balancing state: training forwards add the experts' selected slot counts (before dropping)
+    to `load_since_balance`; the model's balance step sums `pending_load()` over data-parallel
+    ranks and hands it to `apply_balance`, which moves the selection bias and resets the
+    counts. (Under DDP keep `broadcast_buffers=False`, or rank 0's counts overwrite the others.)
+    """
+
+    def __init__(self, config: ModelConfig, num_experts: int) -> None:
+        super().__init__()
+        c = config
+        if num_experts < 1:
+            raise ValueError(f"num_experts={num_experts} must be >= 1")
+        if c.moe_router == "topk" and c.moe_top_k > num_experts:
+            raise ValueError(f"moe_top_k={c.moe_top_k} exceeds num_experts={num_experts}")
+        self.num_experts = num_experts
+        self.balance = c.moe_balance
+        self.aux_loss_coef = c.moe_aux_loss_coef
+        self.bias_update_rate = c.moe_bias_update_rate
+        self.load_ema_decay = c.moe_load_ema_decay
+        self.capacity_factor = c.moe_capacity_factor
+        self.router: TopKRouter | ExpertChoiceRouter
+        if c.moe_router == "topk":
+            self.router = TopKRouter(
+                c.hidden_size, num_experts, c.moe_top_k, c.moe_score, c.moe_renormalize
+            )
+        elif c.moe_router == "expert_choice":
+            self.router = ExpertChoiceRouter(
+                c.hidden_size, num_experts, c.moe_capacity_factor, c.moe_score
+            )
+        else:
+            raise ValueError(f"moe_router={c.moe_router!r} is not one of ['topk', 'expert_choice']")
+        # Routed experts one token uses: k, or on average the capacity factor (expert choice).
+        factor = c.moe_capacity_factor or 1.0
+        self.active_experts_per_token = (
+            c.moe_top_k if c.moe_router == "topk" else min(num_experts, factor)
+        )
+        inter = c.expert_intermediate_size
+        self.experts = GroupedExperts(num_experts, c.hidden_size, inter)
+        shared_width = c.moe_num_shared * max(1, round(c.shared_expert_ratio * inter))
+        self.shared = SwiGLU(c.hidden_size, shared_width) if c.moe_num_shared > 0 else None
+        # Integer counts: exact, and untouched by model.to(dtype).
+        self.register_buffer(
+            "load_since_balance", torch.zeros(num_experts, dtype=torch.long), persistent=False
+        )
+        # EMA of the load in units of the uniform target (1.0 = exactly N*k/E); see apply_balance.
+        self.register_buffer(
+            "load_ema", torch.ones(num_experts) if c.moe_balance == "ema" else None
+        )
+
+    @property
+    def is_causal(self) -> bool:
+        """False for expert choice: a token's experts depend on later tokens (no generation)."""
+        return not isinstance(self.router, ExpertChoiceRouter)
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        token_ids: torch.Tensor | None = None,
+        shortcut: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x (B, T, H), shortcut (B, T, H) or None -> y (B, T, H), stats.
+
+        stats: expert_counts (E,) long (slots processed), aux_loss () float32, router_entropy
+        () float32 (detached), dropped_tokens () long (slots dropped by capacity).
+        token_ids is accepted for the common MLP interface and unused.
+        """
+        if shortcut is not None and shortcut.shape != x.shape:
+            raise ValueError(
+                f"shortcut shape {tuple(shortcut.shape)} does not match x {tuple(x.shape)}"
+            )
+        hidden = x.shape[-1]
+        flat = x.reshape(-1, hidden)  # (N, H): read by the shared experts
+        routed_in = flat if shortcut is None else shortcut.reshape(-1, hidden)  # (N, H)
+        num_tokens = flat.shape[0]
+        dropped = torch.zeros((), dtype=torch.long, device=x.device)
+
+        if isinstance(self.router, TopKRouter):
+            expert_ids, weights, probs = self.router(routed_in)  # (N, k), (N, k), (N, E)
+            top_k = expert_ids.shape[1]
+            # Slots in token order: token n's k slots are n*k .. n*k + k - 1.
+            token_idx = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
+            expert_idx = expert_ids.reshape(-1)  # (M,) M = N*k
+            slot_weights = weights.reshape(-1)  # (M,)
+            selected = torch.bincount(expert_idx, minlength=self.num_experts)  # (E,)
+            if self.training and self.capacity_factor is not None:
+                capacity = _ceil(num_tokens * top_k * self.capacity_factor / self.num_experts)
+                keep = _rank_within_expert(expert_idx, self.num_experts) < capacity  # (M,)
+                token_idx, expert_idx = token_idx[keep], expert_idx[keep]
+                slot_weights = slot_weights[keep]
+                dropped = (~keep).sum()
+        else:
+            token_idx, expert_idx, slot_weights, probs = self.router(routed_in)  # (M,) x3
+            selected = torch.bincount(expert_idx, minlength=self.num_experts)  # C each
+
+        y, counts = self.experts.forward_slots(routed_in, token_idx, expert_idx, slot_weights)
+        if self.shared is not None:
+            y = y + self.shared(flat)
+
+        if self.training:
+            with torch.no_grad():
+                self.load_since_balance += selected
+
+        stats = {
+            "expert_counts": counts,
+            "aux_loss": self._aux_loss(probs, selected),
+            "router_entropy": self._entropy(probs),
+            "dropped_tokens": dropped,
+        }
+        return y.reshape(x.shape), stats
+
+    def _distribution(self, probs: torch.Tensor) -> torch.Tensor:
+        """(N, E) scores -> per-token distribution over experts (sigmoid scores normalised)."""
+        if self.router.score == "softmax":
+            return probs
+        return probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+
+    def _aux_loss(self, probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """Switch loss coef * E * sum_e f_e * P_e (minimal, = coef, when balanced)."""
+        if self.balance != "aux_loss":
+            return torch.zeros((), dtype=torch.float32, device=probs.device)
+        # f_e: fraction of the routed slots (before dropping) sent to e; a count, no gradient.
+        f = selected.float() / selected.sum().clamp_min(1)  # (E,)
+        p = self._distribution(probs).mean(dim=0)  # (E,) mean router probability, has gradient
+        return self.aux_loss_coef * self.num_experts * (f * p).sum()
+
+    @torch.no_grad()
+    def _entropy(self, probs: torch.Tensor) -> torch.Tensor:
+        """Mean entropy (nats) of the per-token router distribution; log(E) = uniform."""
+        dist = self._distribution(probs)  # (N, E)
+        return -(dist * dist.clamp_min(1e-20).log()).sum(dim=-1).mean()
+
+    # --- balancing ----------------------------------------------------------------------------
+    def pending_load(self) -> torch.Tensor:
+        """(E,) float32 copy of the slots each expert was selected for since the last balance."""
+        return self.load_since_balance.to(torch.float32)
+
+    @torch.no_grad()
+    def apply_balance(self, load: torch.Tensor) -> None:
+        """Move the selection bias from `load` (E,) (summed over ranks) and reset the counts.
+
+        aux_free: bias += gamma * sign(mean(load) - load)  (DeepSeek-V3).
+        ema:      load_ema = decay * load_ema + (1 - decay) * load / target
+                  bias    -= rate * (load_ema - 1)
+          This is CORVUS-CORAX eq. 5, bias -= rate * (load_ema - target) with target = n*k/E
+          = mean(load), written with the loads normalised by the target (target = 1): the
+          step then no longer scales with the batch size, and rate means what gamma means.
+        none / aux_loss, and expert choice (no bias, balanced by construction): reset only.
+        """
+        load = load.detach().to(device=self.load_since_balance.device, dtype=torch.float32)
+        if load.shape != (self.num_experts,):
+            raise ValueError(f"load has shape {tuple(load.shape)}, expected ({self.num_experts},)")
+        bias = getattr(self.router, "expert_bias", None)
+        if bias is not None and float(load.sum()) > 0:  # nothing seen: nothing to correct
+            target = load.mean()
+            if self.balance == "aux_free":
+                bias += self.bias_update_rate * torch.sign(target - load)
+            elif self.balance == "ema":
+                decay = self.load_ema_decay
+                self.load_ema.mul_(decay).add_(load / target, alpha=1.0 - decay)
+                bias -= self.bias_update_rate * (self.load_ema - 1.0)
+        self.load_since_balance.zero_()

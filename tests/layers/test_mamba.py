@@ -1,0 +1,157 @@
+"""Mamba mixer: cached decoding, cache size, causality, gradients, initialisation, training.
+
+Glossary: B batch, T tokens, H hidden, Din inner width, N state size, K conv width.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridlm.config import ModelConfig
+from hybridlm.layers.mamba import DT_MAX, DT_MIN, Mamba
+
+HIDDEN, STATE, CONV = 16, 8, 4
+
+
+def make_mamba(seed: int = 0, **overrides) -> Mamba:
+    # chunk 4: a 9-token forward already spans three chunks, the last one partial.
+    fields = dict(
+        vocab_size=97, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=32, mixer_pattern="M", mamba_d_state=STATE,
+        mamba_d_conv=CONV, mamba_chunk_size=4,
+    )
+    torch.manual_seed(seed)
+    return Mamba(ModelConfig(**{**fields, **overrides}))
+
+
+def run_in_pieces(mamba: Mamba, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    cache = mamba.new_cache(x.shape[0], 64, x.device, x.dtype)
+    outs, start = [], 0
+    for size in sizes:
+        piece = x[:, start : start + size]
+        outs.append(mamba(piece, positions=torch.arange(start, start + size), cache=cache))
+        start += size
+    assert cache.length == x.shape[1]
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("sizes", [[1] * 9, [4, 1, 3, 1], [9]], ids=["tokens", "mixed", "one"])
+def test_cached_decoding_equals_full_forward(sizes: list[int]):
+    mamba = make_mamba()
+    x = torch.randn(2, 9, HIDDEN)
+    with torch.no_grad():
+        full = mamba(x, positions=torch.arange(9))
+        pieces = run_in_pieces(mamba, x, sizes)
+    torch.testing.assert_close(pieces, full, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_decoding_in_bf16_stays_close_to_full_forward():
+    mamba = make_mamba().to(torch.bfloat16)
+    x = torch.randn(2, 9, HIDDEN, dtype=torch.bfloat16)
+    with torch.no_grad():
+        full = mamba(x, positions=torch.arange(9))
+        pieces = run_in_pieces(mamba, x, [4, 1, 3, 1])
+    assert full.dtype == pieces.dtype == torch.bfloat16
+    torch.testing.assert_close(pieces.float(), full.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_size_is_fixed_and_as_expected(dtype: torch.dtype):
+    mamba = make_mamba()
+    inner = mamba.inner
+    assert inner == 2 * HIDDEN
+    small = mamba.new_cache(3, 8, torch.device("cpu"), dtype)
+    large = mamba.new_cache(3, 4096, torch.device("cpu"), dtype)
+    elem = torch.finfo(dtype).bits // 8
+    expected = 3 * inner * (CONV - 1) * elem + 3 * inner * STATE * 4
+    assert small.nbytes() == large.nbytes() == expected
+    assert small.ssm_state.dtype == torch.float32 and small.conv_state.dtype == dtype
+    meta = mamba.new_cache(3, 8, torch.device("meta"), dtype)  # sized without allocating
+    assert meta.nbytes() == expected
+
+
+def test_future_tokens_do_not_change_the_past():
+    mamba = make_mamba()
+    x = torch.randn(2, 11, HIDDEN)
+    changed = x.clone()
+    changed[:, 6:] = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        a = mamba(x, positions=torch.arange(11))
+        b = mamba(changed, positions=torch.arange(11))
+    torch.testing.assert_close(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_positions_and_mu_are_ignored():
+    mamba = make_mamba()
+    x = torch.randn(1, 5, HIDDEN)
+    with torch.no_grad():
+        plain = mamba(x, positions=torch.arange(5))
+        other = mamba(x, positions=torch.arange(10, 15), mu_prev=torch.randn(1, 5, HIDDEN))
+    torch.testing.assert_close(plain, other)
+
+
+def test_every_parameter_gets_a_gradient():
+    mamba = make_mamba()
+    out = mamba(torch.randn(2, 7, HIDDEN), positions=torch.arange(7))
+    out.pow(2).mean().backward()
+    for name, param in mamba.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def _check_ssm_init(mamba: Mamba) -> None:
+    a = -torch.exp(mamba.A_log)  # (Din, N)
+    expected = -torch.arange(1, STATE + 1, dtype=torch.float32).expand(mamba.inner, -1)
+    torch.testing.assert_close(a, expected)
+    torch.testing.assert_close(mamba.D, torch.ones(mamba.inner))
+    dt = F.softplus(mamba.dt_proj.bias)
+    assert dt.min() >= DT_MIN * (1 - 1e-4) and dt.max() <= DT_MAX * (1 + 1e-4)
+    assert dt.max() / dt.min() > 5  # spread over the range, not a constant
+    bound = mamba.dt_rank**-0.5
+    assert mamba.dt_proj.weight.abs().max() <= bound
+    assert mamba.dt_proj.weight.std() > bound / 4  # uniform(+-bound), not normal(0, 0.02)
+
+
+def test_initialisation_follows_mamba():
+    mamba = make_mamba()
+    assert mamba.dt_rank == 1  # ceil(16 / 16)
+    _check_ssm_init(mamba)
+    assert mamba.A_log._no_weight_decay and mamba.D._no_weight_decay
+
+
+def test_reset_parameters_overrides_a_generic_linear_init():
+    mamba = make_mamba()
+    with torch.no_grad():  # what a model-wide init does to every Linear first
+        for module in mamba.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        mamba.A_log.zero_()
+        mamba.D.zero_()
+    mamba.reset_parameters()
+    _check_ssm_init(mamba)
+
+
+def test_trains_on_a_repeated_sequence():
+    # Next-token prediction on a random sequence shown twice: the second half is predictable
+    # only by remembering the first, through the SSM state.
+    torch.manual_seed(0)
+    vocab, batch, half = 12, 8, 12
+    mamba = make_mamba(seed=1, mamba_chunk_size=8)
+    embed, head = nn.Embedding(vocab, HIDDEN), nn.Linear(HIDDEN, vocab)
+    params = [*mamba.parameters(), *embed.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    seq = torch.randint(0, vocab, (batch, half)).repeat(1, 2)  # (B, 2 * half)
+    positions = torch.arange(2 * half - 1)
+    losses = []
+    for _ in range(25):
+        h = embed(seq[:, :-1])
+        logits = head(h + mamba(h, positions=positions))
+        loss = F.cross_entropy(logits.reshape(-1, vocab), seq[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses

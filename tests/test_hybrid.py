@@ -1,0 +1,210 @@
+"""Hybrid stacks: every mixer x MLP combination, mixed layouts, caches, presets, balancing."""
+
+import pytest
+import torch
+
+from hybridlm import PRESETS, HybridLM, ModelConfig
+
+MIXERS = ["A", "L", "M"]
+MLPS = [
+    {"mlp_type": "dense"},
+    {"mlp_type": "token_routed"},
+    {"mlp_type": "moe", "moe_router": "topk", "moe_top_k": 2},
+    {"mlp_type": "moe", "moe_router": "expert_choice", "moe_capacity_factor": 1.0},
+]
+
+
+def small(**overrides) -> ModelConfig:
+    base = dict(
+        vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, num_experts=4, max_position_embeddings=64,
+        mla_kv_rank=16, mla_rope_dim=4, mamba_d_state=4, mamba_chunk_size=8,
+    )
+    return ModelConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("mlp", MLPS, ids=lambda m: m["mlp_type"] + m.get("moe_router", ""))
+def test_every_mixer_and_mlp_trains_with_falling_loss(mixer, mlp):
+    torch.manual_seed(0)
+    model = HybridLM(small(mixer_pattern=mixer, **mlp)).train()
+    ids = torch.randint(0, 61, (4, 24))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.balance_step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+STACKS = [
+    dict(mixer_pattern="A"),
+    dict(mixer_pattern="L"),
+    dict(mixer_pattern="L", mla_absorb=True),
+    dict(mixer_pattern="M"),
+    dict(mixer_pattern="AMLM", num_hidden_layers=4, mlp_type="moe", mlp_pattern="DE"),
+    dict(mixer_pattern="MA", num_hidden_layers=4, use_dynamic_scaler=True),
+    dict(mixer_pattern="AM", num_hidden_layers=4, mlp_type="moe", moe_shortcut=True,
+         moe_num_shared=1, shared_expert_ratio=0.5),
+]
+
+
+@pytest.mark.parametrize("stack", STACKS, ids=lambda s: str(sorted(s.items())))
+def test_cached_greedy_equals_step_by_step_full_forwards(stack):
+    torch.manual_seed(0)
+    model = HybridLM(small(**stack)).eval()
+    prompt = torch.randint(0, 61, (2, 5))
+    cached = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    seq = prompt
+    for _ in range(10):
+        seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(cached, seq)
+
+
+def test_mixed_stack_cached_logits_match_full_forward():
+    torch.manual_seed(0)
+    model = HybridLM(small(mixer_pattern="AMLM", num_hidden_layers=4, mlp_type="moe")).eval()
+    ids = torch.randint(0, 61, (2, 11))
+    full = model(ids).logits
+    cache = model.new_cache(2, 11)
+    parts, start = [], 0
+    for n in (4, 1, 3, 1, 2):
+        parts.append(model(ids[:, start:start + n], cache=cache).logits)
+        start += n
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_mu_flows_between_attention_layers_across_mamba_layers():
+    model = HybridLM(small(mixer_pattern="AMMA", num_hidden_layers=4))
+    producers = [b.mu_update is not None for b in model.layers]
+    assert producers == [True, False, False, False]  # layer 0 feeds layer 3; nothing reads 3's
+    assert model.layers[0].mixer.use_mu and model.layers[3].mixer.use_mu
+    ids = torch.randint(0, 61, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    assert model.layers[0].mu_update.mu_proj.weight.grad.abs().sum() > 0
+    assert model.mu_init.grad.abs().sum() > 0
+    # no mu consumer at all: no mu parameters
+    mamba_only = HybridLM(small(mixer_pattern="M"))
+    assert mamba_only.mu_init is None and all(b.mu_update is None for b in mamba_only.layers)
+
+
+def test_mla_cache_bytes_per_token():
+    model = HybridLM(small(mixer_pattern="L", num_hidden_layers=3))
+    for dtype in (torch.float32, torch.bfloat16):
+        size = torch.tensor([], dtype=dtype).element_size()
+        assert model.kv_cache_bytes_per_token(dtype) == 3 * (16 + 4) * size
+        assert model.cache_fixed_bytes(dtype) == 0
+
+
+def test_cache_bytes_gqa_mamba_and_mixed():
+    gqa = HybridLM(small(mixer_pattern="A"))
+    assert gqa.kv_cache_bytes_per_token(torch.float32) == 2 * 2 * (2 * 8) * 4  # L*2(K,V)*nkv*D
+    mamba = HybridLM(small(mixer_pattern="M"))
+    assert mamba.kv_cache_bytes_per_token(torch.float32) == 0
+    assert mamba.cache_fixed_bytes(torch.float32) > 0
+    mixed = HybridLM(small(mixer_pattern="AM"))
+    assert mixed.kv_cache_bytes_per_token(torch.float32) == 2 * (2 * 8) * 4
+
+
+def test_cache_bytes_match_what_generate_allocates():
+    model = HybridLM(small(mixer_pattern="LM")).eval()
+    allocated = []
+    original = model.new_cache
+    model.new_cache = lambda *a, **k: allocated.append(original(*a, **k)) or allocated[-1]
+    model.generate(torch.randint(0, 61, (1, 3)), max_new_tokens=4, do_sample=False)
+    per_token = model.kv_cache_bytes_per_token(torch.float32)
+    assert allocated[0].nbytes() == 7 * per_token + model.cache_fixed_bytes(torch.float32)
+
+
+def test_expert_choice_refuses_generation():
+    model = HybridLM(small(mlp_type="moe", moe_router="expert_choice")).eval()
+    assert not model.is_causal
+    with pytest.raises(ValueError, match="expert_choice.*not causal"):
+        model.generate(torch.randint(0, 61, (1, 3)), max_new_tokens=2)
+    with pytest.raises(ValueError, match="not causal"):
+        model(torch.randint(0, 61, (1, 3)), cache=model.new_cache(1, 4))
+
+
+def test_aux_loss_is_added_to_the_model_loss():
+    torch.manual_seed(0)
+    model = HybridLM(small(mlp_type="moe", moe_balance="aux_loss", moe_aux_loss_coef=0.5))
+    ids = torch.randint(0, 61, (2, 10))
+    out = model(ids, labels=ids)
+    assert out.aux["aux_loss"] > 0
+    torch.testing.assert_close(out.loss, out.aux["lm_loss"] + out.aux["aux_loss"])
+    assert len(out.aux["expert_counts"]) == 2 and len(out.aux["router_entropy"]) == 2
+
+
+def test_balance_step_sums_loads_over_ranks_and_moves_the_bias():
+    torch.manual_seed(0)
+    model = HybridLM(small(mlp_type="moe", moe_balance="aux_free", moe_bias_update_rate=0.1))
+    model.train()
+    with torch.no_grad():
+        model.layers[0].mlp.router.gate.weight[0].fill_(1.0)  # skew: expert 0 wins often
+        model(torch.randint(0, 61, (4, 16)))
+    seen = []
+    model.balance_step(reduce=lambda t: (seen.append(t.clone()), t.mul_(2)))
+    assert len(seen) == 2 and all(int(t.sum()) == 4 * 16 * 2 for t in seen)
+    bias = model.layers[0].mlp.router.expert_bias
+    assert bias.abs().sum() > 0
+    assert model.layers[0].mlp.pending_load().sum() == 0  # reset after the update
+
+
+def test_per_layer_expert_counts_and_patterns():
+    cfg = ModelConfig.from_preset("nexus-small")
+    assert cfg.layer_mixers == ["A", "M", "M", "M", "M", "M"]
+    assert cfg.layer_mlps == ["D", "E"] * 3
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    experts = [getattr(b.mlp, "experts", None) for b in model.layers]
+    assert [e.num_experts if e is not None else 0 for e in experts] == [0, 8, 0, 8, 0, 16]
+    jamba = ModelConfig.from_preset("jamba-tiny")
+    assert jamba.layer_mixers == list("AMMMMMMM") and jamba.layer_mlps == list("DEDEDEDE")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_on_meta_with_its_count(name):
+    from hybridlm.cli import preset_parameter_counts
+
+    with torch.device("meta"):
+        model = HybridLM(ModelConfig.from_preset(name))
+    total, active = preset_parameter_counts(name)
+    assert model.num_parameters() == total and model.num_parameters(active=True) == active
+    assert 0 < active <= total
+
+
+def test_preset_counts_are_the_documented_ones():
+    from hybridlm.cli import preset_parameter_counts
+
+    readme = (__import__("pathlib").Path(__file__).parents[1] / "README.md").read_text()
+    for name in PRESETS:
+        total, active = preset_parameter_counts(name)
+        assert f"{total:,}" in readme and f"{active:,}" in readme, name
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(mixer_pattern="AX"), ["mixer_pattern='AX'", "unknown letters ['X']"]),
+    (dict(mlp_type="moe", mlp_pattern="DQ"), ["mlp_pattern='DQ'", "['Q']"]),
+    (dict(mixer_pattern="AMM"), ["mixer_pattern='AMM'", "num_hidden_layers=2"]),
+    (dict(mixer_pattern=""), ["mixer_pattern=''"]),
+    (dict(mlp_type="dense", mlp_pattern="DE"), ["mlp_pattern='DE'", "mlp_type='dense'"]),
+    (dict(mlp_type="moe", num_experts_per_layer=[4]), ["num_experts_per_layer=[4]"]),
+    (dict(mlp_type="moe", mlp_pattern="DE", num_experts_per_layer=[4, 4]),
+     ["num_experts_per_layer[0]=4", "dense"]),
+    (dict(mlp_type="moe", moe_top_k=5), ["moe_top_k=5", "(4)"]),
+    (dict(mlp_type="moe", moe_capacity_factor=0.0), ["moe_capacity_factor=0.0"]),
+    (dict(mlp_type="moe", moe_capacity_factor=-1.0), ["moe_capacity_factor=-1.0"]),
+    (dict(moe_router="hash"), ["moe_router='hash'"]),
+    (dict(moe_balance="magic"), ["moe_balance='magic'"]),
+    (dict(mla_rope_dim=3), ["mla_rope_dim=3"]),
+    (dict(mamba_d_state=0), ["mamba_d_state=0"]),
+])
+def test_bad_layout_and_moe_values(overrides, words):
+    with pytest.raises(ValueError) as err:
+        small(**overrides)
+    for word in words:
+        assert word in str(err.value)
