@@ -208,3 +208,37 @@ def test_bad_layout_and_moe_values(overrides, words):
         small(**overrides)
     for word in words:
         assert word in str(err.value)
+
+
+def _skewed_moe_model(balance: str) -> HybridLM:
+    torch.manual_seed(0)
+    model = HybridLM(small(mlp_type="moe", moe_score="sigmoid", moe_top_k=1,
+                           moe_balance=balance)).train()  # default gamma 0.001
+    with torch.no_grad():
+        for block in model.layers:
+            block.mlp.router.gate.weight[0] += 0.3  # expert 0 wins most tokens
+            block.mlp.router.gate.weight[1] += 0.2
+    return model
+
+
+def _load_ratio(model: HybridLM) -> float:
+    with torch.no_grad():
+        model.eval()
+        ids = torch.randint(0, 61, (64, 32), generator=torch.Generator().manual_seed(123))
+        counts = model(ids).aux["expert_counts"][0].float()
+        model.train()
+    return float(counts.max() / counts.min().clamp(min=1))
+
+
+def test_aux_free_balance_step_evens_a_skewed_router_and_the_control_stays_skewed():
+    balanced, control = _skewed_moe_model("aux_free"), _skewed_moe_model("none")
+    assert _load_ratio(balanced) > 3 and _load_ratio(control) > 3
+    for _ in range(300):
+        ids = torch.randint(0, 61, (4, 16))
+        with torch.no_grad():
+            balanced(ids)
+            control(ids)
+        balanced.balance_step()
+        control.balance_step()
+    assert _load_ratio(balanced) < 1.5
+    assert _load_ratio(control) > 3
