@@ -74,19 +74,17 @@ def load_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path} is damaged: {err}") from err
 
 
-def load_model(
-    cls: type[HybridLM], directory: str | Path, device: str | torch.device = "cpu"
-) -> HybridLM:
-    directory = Path(directory)
-    config = load_config(directory)
-    weights = directory / WEIGHTS_NAME
+def load_weights(model: HybridLM, directory: str | Path) -> None:
+    """Load `directory/model.safetensors` into an existing model, checking every name and
+    shape and reporting all problems at once."""
+    weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing")
+    device = next(model.parameters()).device
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} is damaged or unreadable: {err}") from err
-    model = cls(config).to(device)
     expected = _tensors_to_save(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -101,4 +99,12 @@ def load_model(
             f"unexpected tensors {unexpected}, wrong shapes {wrong_shape}"
         )
     model.load_state_dict(state, strict=False)
+
+
+def load_model(
+    cls: type[HybridLM], directory: str | Path, device: str | torch.device = "cpu"
+) -> HybridLM:
+    config = load_config(directory)
+    model = cls(config).to(device)
+    load_weights(model, directory)
     return model

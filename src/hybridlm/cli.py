@@ -2,7 +2,9 @@
 
     hybridlm tokenizer train --input CORPUS --vocab-size 8192 --out tok/
     hybridlm data prepare    --input CORPUS --tokenizer tok/ --out data/
-    hybridlm train           --preset tiny --data data/ --steps 300 --out runs/x
+    hybridlm train           --preset tiny --data data/ --steps 300 --out runs/x [--resume]
+    torchrun --nproc_per_node=2 -m hybridlm.train --config run.yaml --parallel ddp
+    hybridlm plot            runs/x
     hybridlm generate        --model runs/x --prompt "Once upon a time"
     hybridlm presets
     hybridlm demo            --out runs/demo
@@ -17,17 +19,6 @@ import sys
 from hybridlm.config import PRESETS
 
 
-def _parse_override(text: str) -> tuple[str, object]:
-    """`key=value` with a JSON value (`routing=zipf` also works for bare strings)."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--set expects key=value, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from hybridlm.data import Tokenizer, load_documents, split_documents
 
@@ -38,26 +29,55 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
-    from hybridlm.data import Tokenizer, load_documents, prepare_dataset, split_documents
+    from hybridlm.data import prepare_corpus
 
-    tokenizer = Tokenizer.from_file(args.tokenizer)
-    splits = split_documents(load_documents(args.input), args.val_fraction, args.test_fraction)
-    meta = prepare_dataset(splits, tokenizer, args.out, source=str(args.input))
-    print(json.dumps({"out": args.out, "tokens": meta["tokens"], "documents": meta["documents"]}))
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    from hybridlm.train import TrainConfig, train
-
-    cfg = TrainConfig(
-        data=args.data, out=args.out, preset=args.preset, model_overrides=dict(args.set),
-        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, eval_every=args.eval_every, eval_batches=args.eval_batches,
-        max_minutes=args.max_minutes, seed=args.seed, device=args.device,
+    meta = prepare_corpus(
+        args.input, args.tokenizer, args.out, workers=args.workers,
+        shard_tokens=args.shard_tokens, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
     )
-    result = train(cfg)
-    print(json.dumps(vars(result)))
+    print(json.dumps({"out": args.out, "tokens": meta["tokens"], "documents": meta["documents"],
+                      "shards": meta["shards"]}))
+
+
+TRAIN_FLAGS = {  # flag -> (TrainConfig field, type); unset flags keep the config file's value
+    "--data": ("data", str), "--out": ("out", str), "--preset": ("preset", str),
+    "--steps": ("steps", int), "--batch-size": ("global_batch_size", int),
+    "--micro-batch-size": ("micro_batch_size", int), "--seq-len": ("seq_len", int),
+    "--lr": ("lr", float), "--warmup-steps": ("warmup_steps", int),
+    "--schedule": ("schedule", str), "--eval-every": ("eval_every", int),
+    "--eval-batches": ("eval_batches", int), "--checkpoint-every": ("checkpoint_every", int),
+    "--max-minutes": ("max_minutes", float), "--seed": ("seed", int),
+    "--device": ("device", str), "--parallel": ("parallel", str),
+}
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML/JSON run file (TrainConfig fields; `model:` overrides)")
+    for flag, (field, kind) in TRAIN_FLAGS.items():
+        p.add_argument(flag, dest=field, type=kind, default=None)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile blocks")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field; model.FIELD=VALUE overrides the model config")
+
+
+def run_train_command(args: argparse.Namespace) -> None:
+    from hybridlm.train import load_train_config, train
+
+    overrides = {field: getattr(args, field) for field, _ in TRAIN_FLAGS.values()}
+    overrides["compile"] = args.compile
+    cfg = load_train_config(args.config, overrides, args.set)
+    result = train(cfg, resume=args.resume)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(json.dumps(vars(result)))
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from hybridlm.train.plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -124,33 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokenizer_train)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="action", required=True)
-    p = data.add_parser("prepare", help="tokenise a corpus into train/validation/test splits")
-    p.add_argument("--input", required=True)
+    p = data.add_parser("prepare", help="tokenise corpus files into train/validation/test shards")
+    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                   help="one or more .jsonl, .jsonl.xz or .txt files, or directories of them")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json or its directory")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes (default: min(4, CPU cores))")
+    p.add_argument("--shard-tokens", type=int, default=2**27,
+                   help="most tokens per shard file (default: 2**27)")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--test-fraction", type=float, default=0.05)
     p.set_defaults(func=cmd_data_prepare)
 
-    p = sub.add_parser("train", help="train a model on prepared data")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--data", required=True, help="prepared data directory")
-    p.add_argument("--out", required=True, help="run directory for the model")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=30)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--set", type=_parse_override, action="append", default=[],
-                   metavar="FIELD=VALUE", help="override a ModelConfig field (repeatable)")
-    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("train", help="train (or --resume) a model on prepared data")
+    add_train_arguments(p)
+    p.set_defaults(func=run_train_command)
+
+    p = sub.add_parser("plot", help="write PNG plots of a run's metrics into RUN_DIR/plots")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("generate", help="sample text from a trained model directory")
     p.add_argument("--model", required=True)

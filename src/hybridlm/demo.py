@@ -6,7 +6,9 @@ reader can see at once that the model learned more than token frequencies.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -50,17 +52,20 @@ def run_demo(out: str, steps: int, max_minutes: float, vocab_size: int = 8192,
     data_dir = prepare_demo_data(out_dir, vocab_size)
     cfg = TrainConfig(
         data=str(data_dir), out=str(out_dir / "model"), preset="tiny",
-        model_overrides={"routing": "zipf"}, steps=steps, batch_size=32, seq_len=128,
+        model={"routing": "zipf"}, steps=steps, global_batch_size=32, seq_len=128,
         lr=3e-3, warmup_steps=max(1, steps // 20), eval_every=max(1, steps // 4),
-        eval_batches=8, max_minutes=max_minutes,
+        eval_batches=8, checkpoint_every=max(1, steps // 2), max_minutes=max_minutes,
     )
+    if (out_dir / "model").exists():
+        shutil.rmtree(out_dir / "model")  # the demo always trains afresh
     print(f"[demo] training preset 'tiny' (Zipf token routing) for up to {steps} steps "
           f"or {max_minutes} minutes")
     result = train(cfg)
     model = HybridLM.from_pretrained(result.out).eval()
     data = load_prepared(data_dir)
     val_tokens = data.split("validation")
-    val_loss = evaluate(model, val_tokens, cfg.seq_len, cfg.batch_size, 64, torch.device("cpu"))
+    val_loss = evaluate(model, val_tokens, cfg.seq_len, cfg.global_batch_size, 64,
+                        torch.device("cpu"), contextlib.nullcontext())
     baseline = unigram_loss(data.token_counts, val_tokens)
     print()
     print(f"[demo] trained {result.steps} steps in {result.seconds / 60:.1f} min "

@@ -25,6 +25,7 @@ from hybridlm.layers.block import Block, mu_reading_layers
 from hybridlm.layers.experts import GroupedExperts
 from hybridlm.layers.moe import MoEMLP
 from hybridlm.layers.norm import RMSNorm
+from hybridlm.layers.rope import segment_positions, segment_starts
 from hybridlm.layers.token_routed import TokenRoutedRouter
 
 
@@ -102,12 +103,22 @@ class HybridLM(nn.Module):
         labels: torch.Tensor | None = None,
         *,
         cache: ModelCache | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, T) long in [0, V); labels (B, T) aligned with input_ids (shifted
         inside, as in HF transformers; -100 = ignore). With `cache`, input_ids continue the
-        cached sequence and the cache is advanced by T."""
+        cached sequence and the cache is advanced by T.
+
+        segment_ids (B, T) int: several examples packed in one row, a new example beginning
+        wherever the id changes. Each example is computed as if it were alone (attention is
+        block-diagonal causal, positions restart at 0, Mamba state and conv restart), and the
+        label at an example's first token is ignored, so no prediction crosses a boundary.
+        Per-token MLPs keep this exact; a learned MoE with capacity limits or expert choice
+        still sees the whole batch, as it does unpacked. Not with a cache."""
         self._check_input_ids(input_ids)
         seq = input_ids.shape[1]
+        if segment_ids is not None:
+            self._check_segment_ids(segment_ids, input_ids, cache)
         if cache is not None:
             self._check_causal()
         start = cache.length if cache is not None else 0
@@ -116,7 +127,10 @@ class HybridLM(nn.Module):
                 f"sequence length {start + seq} exceeds max_position_embeddings="
                 f"{self.config.max_position_embeddings}"
             )
-        positions = torch.arange(start, start + seq, device=input_ids.device)
+        positions = (
+            torch.arange(start, start + seq, device=input_ids.device) if segment_ids is None
+            else segment_positions(segment_ids)  # (B, T)
+        )
         h = self.embed_tokens(input_ids)  # (B, T, H)
         mu = self.mu_init.to(h.dtype).expand_as(h) if self.mu_init is not None else None
         prev_input = h
@@ -125,7 +139,7 @@ class HybridLM(nn.Module):
             layer_cache = cache.layers[i] if cache is not None else None
             block_input = h
             h, mu, stats = block(h, token_ids=input_ids, positions=positions, cache=layer_cache,
-                                 mu_prev=mu, prev_input=prev_input)
+                                 mu_prev=mu, prev_input=prev_input, segment_ids=segment_ids)
             prev_input = block_input
             stats_per_layer.append(stats)
             if block.mu_update is not None:
@@ -137,15 +151,37 @@ class HybridLM(nn.Module):
         aux["mu_norms"] = mu_norms
         loss = None
         if labels is not None:
+            targets = labels[:, 1:]
+            if segment_ids is not None:  # an example's first token is not predicted from the
+                first = segment_starts(segment_ids)[:, 1:]  # previous example's last one
+                targets = targets.masked_fill(first, -100)
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
+                targets.reshape(-1),
                 ignore_index=-100,
             )
             aux["lm_loss"] = loss.detach()
             if "aux_loss" in aux:
                 loss = loss + aux["aux_loss"]
         return ModelOutput(logits=logits, loss=loss, aux=aux)
+
+    @staticmethod
+    def _check_segment_ids(
+        segment_ids: torch.Tensor, input_ids: torch.Tensor, cache: ModelCache | None
+    ) -> None:
+        if cache is not None:
+            raise ValueError(
+                "segment_ids (packed rows) cannot be used with a cache: decode one sequence "
+                "per row instead"
+            )
+        if segment_ids.shape != input_ids.shape or segment_ids.is_floating_point() or (
+            segment_ids.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"segment_ids must be an integer tensor shaped like input_ids "
+                f"{tuple(input_ids.shape)}; got {segment_ids.dtype} of shape "
+                f"{tuple(segment_ids.shape)}"
+            )
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hybridlm.data import load_prepared, unigram_loss
+from hybridlm.data import TokenStream, load_prepared, unigram_loss
 
 
 def test_hand_computed_value() -> None:
@@ -35,6 +35,22 @@ def test_real_data_beats_uniform(prepared_dir: Path) -> None:
     data = load_prepared(prepared_dir)
     loss = unigram_loss(data.token_counts, data.split("validation"))
     assert 2.0 < loss < math.log(data.vocab_size)
+
+
+def test_token_stream_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hybridlm.data.unigram as unigram
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50, size=1000).astype(np.uint16)
+    counts = rng.integers(0, 100, size=50)
+    stream = TokenStream(np.split(tokens, [10, 11, 600]))
+    expected = unigram_loss(counts, tokens)
+    real = unigram._token_chunks
+    monkeypatch.setattr(unigram, "_token_chunks", lambda t, chunk=64: real(t, 64))
+    assert unigram_loss(counts, stream) == pytest.approx(expected, rel=1e-12)
+    assert unigram_loss(counts, tokens) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match=r"\[0, 40\), got range \[0, 49\]"):
+        unigram_loss(counts[:40], stream)
 
 
 def test_errors() -> None:

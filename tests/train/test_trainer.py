@@ -5,15 +5,25 @@ import math
 import pytest
 import torch
 
-from hybridlm import HybridLM
+from hybridlm import HybridLM, zipf_routing_table
 from hybridlm.data import Tokenizer, load_prepared, unigram_loss
-from hybridlm.train import TrainConfig, train
+from hybridlm.train import TrainConfig, load_train_config, train
 from hybridlm.train.optim import param_groups
-from hybridlm.train.schedule import warmup_cosine
-from hybridlm.train.trainer import evaluate
+from hybridlm.train.schedule import warm_restarts, warmup_cosine, warmup_stable_decay
 
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 256,
          "max_position_embeddings": 128}
+
+
+def run_config(prepared_dir, out, **kw) -> TrainConfig:
+    base = dict(data=str(prepared_dir), out=str(out), preset="tiny", model=dict(SMALL),
+                steps=60, global_batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5,
+                eval_every=30, eval_batches=4, checkpoint_every=30, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
 
 
 def test_warmup_cosine_shape():
@@ -22,6 +32,16 @@ def test_warmup_cosine_shape():
     assert all(a >= b for a, b in itertools.pairwise(lrs[9:111]))
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
     assert lrs[110] == pytest.approx(0.1) and lrs[129] == pytest.approx(0.1)
+
+
+def test_wsd_and_warm_restarts():
+    wsd = [warmup_stable_decay(s, 5, 100, 0.1, 0.2) for s in range(100)]
+    assert wsd[4] == 1.0 and wsd[50] == 1.0 and wsd[79] == 1.0
+    assert wsd[80] < 1.0 and wsd[99] == pytest.approx(0.1)
+    restarts = [warm_restarts(s, 5, 300, 0.1, [100, 200]) for s in range(300)]
+    assert restarts[99] == pytest.approx(0.1, abs=1e-3)  # end of the first cycle
+    assert restarts[100] == pytest.approx(0.2) and restarts[104] == pytest.approx(1.0)
+    assert restarts[204] == pytest.approx(1.0) and restarts[299] == pytest.approx(0.1, abs=1e-3)
 
 
 def test_no_weight_decay_on_norms_biases_embeddings(make_model):
@@ -37,40 +57,116 @@ def test_no_weight_decay_on_norms_biases_embeddings(make_model):
 
 def test_tiny_model_loss_falls_on_the_demo_corpus(prepared_dir, tmp_path):
     data = load_prepared(prepared_dir)
-    cfg = TrainConfig(
-        data=str(prepared_dir), out=str(tmp_path / "run"), preset="tiny",
-        model_overrides={**SMALL, "routing": "zipf"}, steps=60, batch_size=8, seq_len=64,
-        lr=3e-3, warmup_steps=5, eval_every=30, eval_batches=4,
-    )
-    result = train(cfg, progress=False)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    cfg = run_config(prepared_dir, tmp_path / "run", model={**SMALL, "routing": "zipf"})
+    result = train(cfg)
+    records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == list(range(1, 61))
     first = sum(r["loss"] for r in records[:5]) / 5
     last = sum(r["loss"] for r in records[-5:]) / 5
     assert last < first - 0.6, (first, last)
-    assert {"loss", "lr", "tokens_per_s"} <= set(records[0])
+    assert {"loss", "lr", "tokens_per_s", "grad_norm", "expert_load"} <= set(records[0])
     assert "val_loss" in records[29] and "val_loss" in records[59]
     # a trained model beats a unigram model of the same data on held-out text
-    val = data.split("validation")
-    assert result.val_loss < unigram_loss(data.token_counts, val)
+    assert result.val_loss < unigram_loss(data.token_counts, data.split("validation"))
     assert math.isfinite(result.tokens_per_s) and result.steps == 60
-
-    # the run directory is a complete model directory
+    assert result.stopped == "finished" and result.skipped_steps == 0
+    # the run directory is a complete model directory; the zipf table came from the counts
     model = HybridLM.from_pretrained(tmp_path / "run")
     assert model.config.routing == "zipf" and model.config.vocab_size == data.vocab_size
-    reloaded = evaluate(model, val, 64, 8, 4, torch.device("cpu"))
-    assert reloaded == pytest.approx(result.val_loss, rel=1e-4)
     assert Tokenizer.from_file(tmp_path / "run").vocab_size == data.vocab_size
-    # the zipf table came from the training counts
-    from hybridlm import zipf_routing_table
-
     expected = zipf_routing_table(torch.as_tensor(data.token_counts), 4)
     assert torch.equal(model.layers[0].mlp.router.table, expected)
+    assert (tmp_path / "run" / "train_config.json").is_file()
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
 
 
-def test_bad_train_config_is_refused(prepared_dir, tmp_path):
+def test_resume_reproduces_the_uninterrupted_loss_sequence(prepared_dir, tmp_path):
+    kw = dict(steps=8, checkpoint_every=4, eval_every=4, model={**SMALL, "mlp_type": "moe",
+              "moe_balance": "aux_free"})
+    train(run_config(prepared_dir, tmp_path / "straight", **kw))
+    train(run_config(prepared_dir, tmp_path / "split", **{**kw, "steps": 4}))
+    assert (tmp_path / "split" / "checkpoints" / "step_00000004").is_dir()
+    train(run_config(prepared_dir, tmp_path / "split", **kw), resume=True)
+    straight = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "straight")]
+    split = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "split")]
+    assert straight == split  # exactly the same losses, no step repeated or lost
+    a = HybridLM.from_pretrained(tmp_path / "straight").state_dict()
+    b = HybridLM.from_pretrained(tmp_path / "split").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_config_that_differs_where_it_matters(prepared_dir, tmp_path):
+    train(run_config(prepared_dir, tmp_path / "r", steps=2, checkpoint_every=2))
+    with pytest.raises(ValueError, match=r"lr: 0.003 -> 0.01.*seq_len: 64 -> 32"):
+        train(run_config(prepared_dir, tmp_path / "r", steps=4, lr=1e-2, seq_len=32),
+              resume=True)
+    # a field that does not matter (eval cadence, length of the run) may change
+    train(run_config(prepared_dir, tmp_path / "r", steps=3, eval_every=1), resume=True)
+
+
+def test_a_new_run_never_overwrites_an_existing_one(prepared_dir, tmp_path):
+    train(run_config(prepared_dir, tmp_path / "r", steps=2, checkpoint_every=2))
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume"):
+        train(run_config(prepared_dir, tmp_path / "r", steps=2))
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(prepared_dir, tmp_path, monkeypatch):
+    from hybridlm.train import NonFiniteError
+
+    forward = HybridLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3 or calls["n"] >= 6:  # one bad step, later a run of bad steps
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(HybridLM, "forward", poisoned)
+    cfg = run_config(prepared_dir, tmp_path / "r", steps=20, checkpoint_every=4, max_bad_steps=3)
+    with pytest.raises(NonFiniteError, match="3 steps in a row.*step_00000004"):
+        train(cfg)
+    records = read_metrics(tmp_path / "r")
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 2, 3]
+    assert all(math.isfinite(v) for v in HybridLM.from_pretrained(
+        tmp_path / "r" / "checkpoints" / "step_00000004").state_dict()["norm.weight"])
+
+
+def test_gradient_accumulation_matches_one_big_batch(prepared_dir, tmp_path):
+    train(run_config(prepared_dir, tmp_path / "a", steps=3, micro_batch_size=8))
+    train(run_config(prepared_dir, tmp_path / "b", steps=3, micro_batch_size=2))
+    a = [r["loss"] for r in read_metrics(tmp_path / "a")]
+    b = [r["loss"] for r in read_metrics(tmp_path / "b")]
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_bad_inputs_stop_before_anything_is_written(prepared_dir, tmp_path):
+    out = tmp_path / "r"
     with pytest.raises(ValueError, match="steps=0"):
-        train(TrainConfig(data=str(prepared_dir), out=str(tmp_path), steps=0), progress=False)
-    with pytest.raises(ValueError, match="vocab_size=100 is smaller than the tokenizer's 500"):
-        train(TrainConfig(data=str(prepared_dir), out=str(tmp_path / "x"), steps=1,
-                          model_overrides={**SMALL, "vocab_size": 100}), progress=False)
+        train(run_config(prepared_dir, out, steps=0))
+    with pytest.raises(ValueError, match="vocab_size=100"):
+        train(run_config(prepared_dir, out, model={**SMALL, "vocab_size": 100}))
+    with pytest.raises(ValueError, match="global_batch_size=8 is not divisible by "
+                                         "micro_batch_size=3"):
+        train(run_config(prepared_dir, out, micro_batch_size=3))
+    with pytest.raises(FileNotFoundError):
+        train(run_config(prepared_dir, out, data=str(tmp_path / "nothing")))
+    assert not out.exists()
+
+
+def test_run_file_plus_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data: d\nout: o\nsteps: 10\nmodel:\n  routing: zipf\n")
+    cfg = load_train_config(path, {"lr": 0.01, "steps": None}, ["model.num_experts=2",
+                                                                 "schedule=wsd"])
+    assert (cfg.steps, cfg.lr, cfg.schedule) == (10, 0.01, "wsd")
+    assert cfg.model == {"routing": "zipf", "num_experts": 2}
+    with pytest.raises(ValueError, match="unknown training field 'stepz'"):
+        load_train_config(path, set_args=["stepz=3"])
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_train_config(path)

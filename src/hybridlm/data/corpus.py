@@ -11,11 +11,14 @@ Accepted inputs for :func:`load_documents`:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import lzma
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 DEMO_CORPUS: Path = Path(__file__).resolve().parents[3] / "data" / "demo_corpus.jsonl.xz"
 """The shipped demo corpus (State of the Union addresses, Moby-Dick, King James Bible)."""
@@ -64,24 +67,29 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _read_jsonl(path: Path, default_source: str) -> Iterator[Document]:
-    opener = lzma.open if path.name.endswith(".xz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
-            yield Document(
-                id=str(obj.get("id", f"{_stem(path)}-{lineno}")),
-                text=obj["text"],
-                source=str(obj.get("source", default_source)),
-                title=str(obj.get("title", "")),
-            )
+def _read_jsonl(path: Path, default_source: str) -> Iterator[tuple[Document, int]]:
+    """Documents of a JSON-lines file, each with the number of file bytes read so far."""
+    with open(path, "rb") as raw:
+        stream = lzma.open(raw) if path.name.endswith(".xz") else raw
+        with io.TextIOWrapper(stream, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise ValueError(
+                        f"{path}:{lineno}: expected an object with a string 'text' field"
+                    )
+                doc = Document(
+                    id=str(obj.get("id", f"{_stem(path)}-{lineno}")),
+                    text=obj["text"],
+                    source=str(obj.get("source", default_source)),
+                    title=str(obj.get("title", "")),
+                )
+                yield doc, raw.tell()
 
 
 def _read_txt(path: Path, doc_id: str, source: str) -> Document:
@@ -89,59 +97,153 @@ def _read_txt(path: Path, doc_id: str, source: str) -> Document:
                     title=path.stem)
 
 
-def _iter_path(path: Path) -> Iterator[Document]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*")
-                       if p.is_file() and (p.suffix == ".txt" or _is_jsonl(p)))
-        if not files:
-            raise ValueError(f"no .txt, .jsonl or .jsonl.xz files found under {path}")
-        for file in files:
-            rel = file.relative_to(path).as_posix()
-            if _is_jsonl(file):
-                yield from _read_jsonl(file, default_source=path.name)
-            else:
-                yield _read_txt(file, doc_id=rel[: -len(".txt")], source=path.name)
-    elif _is_jsonl(path):
-        yield from _read_jsonl(path, default_source=_stem(path))
-    elif path.suffix == ".txt":
-        yield _read_txt(path, doc_id=path.stem, source=path.stem)
-    else:
-        raise ValueError(
-            f"unsupported corpus file {path}: expected .jsonl, .jsonl.xz, .txt or a directory"
-        )
+def _as_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    if isinstance(paths, (str, Path)):
+        return [Path(paths)]
+    out = [Path(p) for p in paths]
+    if not out:
+        raise ValueError("no corpus paths given")
+    return out
 
 
-def load_documents(path: str | Path) -> list[Document]:
-    """Load the documents stored at ``path`` (see the module docstring for accepted formats).
-
-    Documents whose text is empty or whitespace-only are dropped.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: unsupported file type, malformed JSON lines, duplicate ids, or no
-            non-empty document at all.
-    """
-    path = Path(path)
+def _expand(path: Path) -> list[tuple[Path, Path | None]]:
+    """(file, root directory or None) pairs for one input path, directories in sorted order."""
     if not path.exists():
         hint = ""
         if path == DEMO_CORPUS:
             hint = " (rebuild it with `python scripts/build_demo_corpus.py`)"
         raise FileNotFoundError(f"corpus path does not exist: {path}{hint}")
-    docs = [d for d in _iter_path(path) if d.text.strip()]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and (p.suffix == ".txt" or _is_jsonl(p)))
+        if not files:
+            raise ValueError(f"no .txt, .jsonl or .jsonl.xz files found under {path}")
+        return [(file, path) for file in files]
+    if _is_jsonl(path) or path.suffix == ".txt":
+        return [(path, None)]
+    raise ValueError(
+        f"unsupported corpus file {path}: expected .jsonl, .jsonl.xz, .txt or a directory"
+    )
+
+
+def list_input_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Every corpus file read for ``paths`` (files and directories), in reading order.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: an unsupported file type, or a directory without corpus files.
+    """
+    return [file for path in _as_paths(paths) for file, _ in _expand(path)]
+
+
+def iter_input(
+    paths: str | Path | Iterable[str | Path],
+) -> Iterator[tuple[Document, int, int]]:
+    """Stream ``(document, file_number, bytes_read_in_file)`` over all inputs, in order.
+
+    ``file_number`` indexes :func:`list_input_files`; ``bytes_read_in_file`` is how far the
+    reader got in that (possibly compressed) file, for progress reporting. Documents whose
+    text is empty or whitespace-only are skipped; duplicate ids are not checked here.
+    """
+    expanded = [pair for path in _as_paths(paths) for pair in _expand(path)]
+    for number, (file, root) in enumerate(expanded):
+        if _is_jsonl(file):
+            source = root.name if root is not None else _stem(file)
+            for doc, pos in _read_jsonl(file, default_source=source):
+                if doc.text.strip():
+                    yield doc, number, pos
+        else:
+            if root is not None:
+                doc_id, source = file.relative_to(root).as_posix()[: -len(".txt")], root.name
+            else:
+                doc_id, source = file.stem, file.stem
+            doc = _read_txt(file, doc_id=doc_id, source=source)
+            if doc.text.strip():
+                yield doc, number, file.stat().st_size
+
+
+def load_documents(paths: str | Path | Iterable[str | Path]) -> list[Document]:
+    """Load the documents stored at ``paths``: one path or several (see the module docstring
+    for accepted formats), read in the given order.
+
+    Documents whose text is empty or whitespace-only are dropped.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: unsupported file type, malformed JSON lines, duplicate ids, or no
+            non-empty document at all.
+    """
+    where = ", ".join(str(p) for p in _as_paths(paths))
+    docs = [doc for doc, _, _ in iter_input(paths)]
     if not docs:
-        raise ValueError(f"corpus at {path} contains no non-empty documents")
+        raise ValueError(f"corpus at {where} contains no non-empty documents")
     seen: set[str] = set()
     for doc in docs:
         if doc.id in seen:
-            raise ValueError(f"duplicate document id {doc.id!r} in {path}")
+            raise ValueError(f"duplicate document id {doc.id!r} in {where}")
         seen.add(doc.id)
     return docs
 
 
-def _unit_hash(doc_id: str) -> float:
-    """Map an id to a uniform number in [0, 1) via the first 8 bytes of its sha256."""
+def doc_key(doc_id: str) -> tuple[int, int]:
+    """The split key of a document id: the first two 8-byte big-endian words of sha256(id)."""
     digest = hashlib.sha256(doc_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+    return int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:16], "big")
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Raise ``ValueError`` unless both fractions are in [0, 1) and sum to less than 1."""
+    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {frac}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}"
+        )
+
+
+class DuplicateKeyError(ValueError):
+    """Two documents share a split key (in practice: the same id). ``index`` is the position
+    (in input order) of the later one."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"duplicate document id (document #{index})")
+        self.index = index
+
+
+def split_indices(
+    key_hi: np.ndarray, key_lo: np.ndarray, val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+) -> dict[str, np.ndarray]:
+    """Assign documents to splits from their :func:`doc_key` words (arrays of uint64).
+
+    Returns, per split name, the int64 positions of its documents ordered by key. See
+    :func:`split_documents` for the rule.
+
+    Raises:
+        ValueError: invalid fractions; :class:`DuplicateKeyError` for repeated keys.
+    """
+    check_fractions(val_fraction, test_fraction)
+    hi = np.asarray(key_hi, dtype=np.uint64).reshape(-1)
+    lo = np.asarray(key_lo, dtype=np.uint64).reshape(-1)
+    order = np.lexsort((lo, hi)).astype(np.int64)
+    hi_sorted, lo_sorted = hi[order], lo[order]
+    same = (hi_sorted[1:] == hi_sorted[:-1]) & (lo_sorted[1:] == lo_sorted[:-1])
+    if same.any():
+        j = int(np.flatnonzero(same)[0])
+        raise DuplicateKeyError(int(max(order[j], order[j + 1])))
+    u = hi_sorted.astype(np.float64) / 2.0**64
+    is_test = u < test_fraction
+    is_val = ~is_test & (u < test_fraction + val_fraction)
+    out = {
+        "train": order[~is_test & ~is_val],
+        "validation": order[is_val],
+        "test": order[is_test],
+    }
+    for name, frac in (("validation", val_fraction), ("test", test_fraction)):
+        if frac > 0 and out[name].size == 0 and out["train"].size >= 2:
+            out[name], out["train"] = out["train"][:1], out["train"][1:]
+    return {name: out[name] for name in SPLITS}
 
 
 def split_documents(
@@ -151,38 +253,20 @@ def split_documents(
 
     A document goes to test when ``u < test_fraction``, to validation when
     ``u < test_fraction + val_fraction`` and to train otherwise, where ``u`` in [0, 1) is
-    derived from ``sha256(id)``. The result depends only on the set of documents, not on their
-    order; within a split documents are ordered by ``u`` (a stable, source-mixing shuffle).
-    If a split with a positive fraction comes out empty while train has at least two
-    documents, the train document with the smallest ``u`` is moved into it, so small corpora
-    still get a held-out document.
+    the first 8 bytes of ``sha256(id)`` over ``2**64``. The result depends only on the set of
+    documents, not on their order; within a split documents are ordered by ``sha256(id)`` (a
+    stable, source-mixing shuffle). If a split with a positive fraction comes out empty while
+    train has at least two documents, the train document with the smallest hash is moved into
+    it, so small corpora still get a held-out document.
 
     Raises:
         ValueError: a fraction outside [0, 1), fractions summing to >= 1, or duplicate ids.
     """
-    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= frac < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {frac}")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(
-            f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}"
-        )
-    keyed: list[tuple[float, str, Document]] = []
-    seen: set[str] = set()
-    for doc in docs:
-        if doc.id in seen:
-            raise ValueError(f"duplicate document id {doc.id!r}")
-        seen.add(doc.id)
-        keyed.append((_unit_hash(doc.id), doc.id, doc))
-    keyed.sort(key=lambda item: (item[0], item[1]))
-
-    buckets: dict[str, list[tuple[float, str, Document]]] = {name: [] for name in SPLITS}
-    for item in keyed:
-        u = item[0]
-        name = "test" if u < test_fraction else (
-            "validation" if u < test_fraction + val_fraction else "train")
-        buckets[name].append(item)
-    for name, frac in (("validation", val_fraction), ("test", test_fraction)):
-        if frac > 0 and not buckets[name] and len(buckets["train"]) >= 2:
-            buckets[name].append(buckets["train"].pop(0))
-    return {name: [doc for _, _, doc in buckets[name]] for name in SPLITS}
+    check_fractions(val_fraction, test_fraction)
+    docs = list(docs)
+    keys = np.array([doc_key(d.id) for d in docs], dtype=np.uint64).reshape(-1, 2)
+    try:
+        parts = split_indices(keys[:, 0], keys[:, 1], val_fraction, test_fraction)
+    except DuplicateKeyError as err:
+        raise ValueError(f"duplicate document id {docs[err.index].id!r}") from None
+    return {name: [docs[i] for i in idx.tolist()] for name, idx in parts.items()}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlm.layers.norm import RMSNorm
-from hybridlm.layers.rope import RotaryEmbedding, apply_rope
+from hybridlm.layers.rope import RotaryEmbedding, apply_rope, segment_starts
 
 
 @dataclass
@@ -79,9 +79,15 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         cache: KVCache | None = None,
         mu_prev: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, H), positions (T,) absolute, mu_prev (B, T, H) when use_mu -> (B, T, H)."""
+        """x (B, T, H), positions (T,) absolute, mu_prev (B, T, H) when use_mu -> (B, T, H).
+
+        segment_ids (B, T): packed rows; a token attends only to earlier tokens of its own
+        example (`segment_mask`), and positions are then per row (B, T). No cache with it."""
         batch, seq, _ = x.shape
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) cannot be used with a cache")
         if self.use_mu:
             if mu_prev is None:
                 raise ValueError("this attention layer is mu-guided: pass mu_prev (B, T, H)")
@@ -98,8 +104,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nkv, S, D)
+        mask_args = (
+            {"attn_mask": segment_mask(segment_ids)} if segment_ids is not None
+            else _causal_mask_args(seq, k.shape[2], q.device)
+        )
         y = F.scaled_dot_product_attention(
-            q, k, v, **_causal_mask_args(seq, k.shape[2], q.device), enable_gqa=nkv != nh
+            q, k, v, **mask_args, enable_gqa=nkv != nh
         )  # (B, nh, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, nh * d))
 
@@ -119,3 +129,14 @@ def _causal_mask_args(num_queries: int, num_keys: int, device: torch.device) -> 
     query_pos = torch.arange(num_queries, device=device)[:, None] + offset
     key_pos = torch.arange(num_keys, device=device)[None, :]
     return {"attn_mask": key_pos <= query_pos}  # (T, S) bool, True = attend
+
+
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask of packed rows: segment_ids (B, T) -> (B, 1, T, T) bool,
+    True = attend. Query t sees key s <= t of the same example (a new example begins wherever
+    the id changes, see `segment_starts`)."""
+    seq = segment_ids.shape[1]
+    example = segment_starts(segment_ids).cumsum(dim=1)  # (B, T): running example number
+    same = example[:, :, None] == example[:, None, :]  # (B, T, T)
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
+    return (same & causal)[:, None]

@@ -92,10 +92,14 @@ class Block(nn.Module):
         cache: Any | None,
         mu_prev: torch.Tensor | None,
         prev_input: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         """h (B, T, H), mu_prev (B, T, H) or None, prev_input (B, T, H): the previous block's
-        input (ScMoE only) -> (h_out, mu for the next block, mlp stats)."""
-        a = self.mixer(self.mixer_norm(h), positions=positions, cache=cache, mu_prev=mu_prev)
+        input (ScMoE only) -> (h_out, mu for the next block, mlp stats). segment_ids (B, T):
+        packed rows, handed to the mixer (positions are then (B, T))."""
+        mixer_kwargs = {"segment_ids": segment_ids} if segment_ids is not None else {}
+        a = self.mixer(self.mixer_norm(h), positions=positions, cache=cache, mu_prev=mu_prev,
+                       **mixer_kwargs)
         mlp_in = self.mlp_norm(h + a)
         if self.uses_shortcut:
             shortcut = self.mlp_norm(prev_input if prev_input is not None else h)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlm.config import ModelConfig
+from hybridlm.layers.rope import segment_starts
 from hybridlm.ops import selective_scan_chunked, selective_scan_step
 
 DT_MIN, DT_MAX = 0.001, 0.1  # range of the initial step sizes softplus(dt_proj.bias)
@@ -102,14 +103,26 @@ class Mamba(nn.Module):
         positions: torch.Tensor,
         cache: MambaCache | None = None,
         mu_prev: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H). With `cache`, x continues the cached sequence and the cache
         advances by T. positions and mu_prev are accepted and ignored (same call signature as
-        the attention mixers; order is implicit in the recurrence and Mamba does not read mu)."""
+        the attention mixers; order is implicit in the recurrence and Mamba does not read mu).
+
+        segment_ids (B, T): packed rows. Each example runs as if alone: the conv sees no input
+        of another example and the SSM state restarts at each example's first token. No cache
+        with it."""
         del positions, mu_prev
         seq = x.shape[1]
+        starts = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) cannot be used with a cache")
+            starts = segment_starts(segment_ids)  # (B, T) bool
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, Din) each
-        xs = F.silu(self._conv(xs.transpose(1, 2), cache)).transpose(1, 2)  # (B, T, Din)
+        conv = (self._conv(xs.transpose(1, 2), cache) if segment_ids is None
+                else self._segment_conv(xs.transpose(1, 2), starts))
+        xs = F.silu(conv).transpose(1, 2)  # (B, T, Din)
         dt, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # Step sizes and A in fp32: exp(delta * A) is sensitive to rounding in low precision.
         delta = F.softplus(self.dt_proj(dt).float())  # (B, T, Din)
@@ -120,7 +133,8 @@ class Mamba(nn.Module):
             y = y[:, None]  # (B, 1, Din)
         else:
             h0 = cache.ssm_state if cache is not None else None
-            y, h = selective_scan_chunked(xs, delta, a, b, c, self.D, h0, self.chunk_size)
+            y, h = selective_scan_chunked(xs, delta, a, b, c, self.D, h0, self.chunk_size,
+                                          reset=starts)
         if cache is not None:
             cache.ssm_state.copy_(h.detach())
             cache.length += seq
@@ -139,3 +153,17 @@ class Mamba(nn.Module):
             x = torch.cat([cache.conv_state.to(x.dtype), x], dim=-1)  # (B, Din, K-1+T)
             cache.conv_state.copy_(x[:, :, x.shape[-1] - past:].detach())
         return F.conv1d(x, self.conv1d.weight, self.conv1d.bias, groups=self.inner)
+
+    def _segment_conv(self, x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """The causal depthwise conv of packed rows: x (B, Din, T), starts (B, T) bool ->
+        (B, Din, T). Output t sums w_j * x_{t-s} over the lags s < K whose input lies in t's
+        own example, which equals `_conv` of each example alone (missing past = zeros)."""
+        seq = x.shape[-1]
+        weight = self.conv1d.weight[:, 0]  # (Din, K); tap K-1 multiplies the current input
+        example = starts.cumsum(dim=1)  # (B, T): running example number
+        out = x * weight[:, -1:]
+        for lag in range(1, min(self.d_conv, seq)):
+            same = (example[:, lag:] == example[:, :-lag]).to(x.dtype)  # (B, T - lag)
+            shifted = x[:, :, :-lag] * same[:, None]  # x_{t-lag}, kept only in t's example
+            out = out + F.pad(shifted * weight[:, -1 - lag, None], (lag, 0))
+        return out + self.conv1d.bias[:, None]

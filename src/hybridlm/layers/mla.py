@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlm.config import ModelConfig
-from hybridlm.layers.attention import _causal_mask_args
+from hybridlm.layers.attention import _causal_mask_args, segment_mask
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import RotaryEmbedding, apply_rope
 
@@ -108,17 +108,24 @@ class MultiHeadLatentAttention(nn.Module):
         positions: torch.Tensor,
         cache: MLACache | None = None,
         mu_prev: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, H), positions (T,) absolute -> (B, T, H). mu_prev is accepted and ignored."""
+        """x (B, T, H), positions (T,) absolute -> (B, T, H). mu_prev is accepted and ignored.
+
+        segment_ids (B, T): packed rows, as in the GQA mixer (block-diagonal causal mask,
+        positions (B, T)); not with a cache."""
         del mu_prev  # same call signature as the GQA mixer; MLA does not read mu
         batch, seq, _ = x.shape
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) cannot be used with a cache")
         q_nope, q_rope, c_kv, k_rope = self._project(x, positions)
         if cache is not None:
             c_kv, k_rope = cache.append(c_kv, k_rope)  # (B, S, r), (B, S, dr)
         # Absorption pays off when K/V would be rebuilt for every cached token at each step,
         # i.e. decoding with a cache; a cacheless full forward uses the plain form.
         attend = self._attend_absorbed if (self.absorb and cache is not None) else self._attend
-        y = attend(q_nope, q_rope, c_kv, k_rope)  # (B, nh, T, d)
+        mask = segment_mask(segment_ids) if segment_ids is not None else None
+        y = attend(q_nope, q_rope, c_kv, k_rope, mask)  # (B, nh, T, d)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
     def _project(
@@ -140,9 +147,11 @@ class MultiHeadLatentAttention(nn.Module):
         return q_nope, q_rope, self.kv_norm(c_kv), k_rope
 
     def _attend(
-        self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Plain MLA: rebuild per-head K and V from the latent. Returns (B, nh, T, d)."""
+        """Plain MLA: rebuild per-head K and V from the latent. Returns (B, nh, T, d).
+        mask (B, 1, T, S) bool replaces the causal mask (packed rows)."""
         batch, seq_k, _ = c_kv.shape
         nh, d = self.num_heads, self.head_dim
         k_nope = self.k_up(c_kv).view(batch, seq_k, nh, d).transpose(1, 2)  # (B, nh, S, d)
@@ -152,13 +161,15 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_nope, k_rope], dim=-1)  # (B, nh, S, d+dr)
         # SDPA allows the q/k width (d+dr) to differ from the value width (d).
         return F.scaled_dot_product_attention(
-            q, k, v, **_causal_mask_args(q.shape[2], seq_k, q.device), scale=self.scale
+            q, k, v, **_mask_args(mask, q.shape[2], seq_k, q.device), scale=self.scale
         )
 
     def _attend_absorbed(
-        self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Absorbed MLA over the latent; K/V are never formed. Returns (B, nh, T, d).
+        mask (B, 1, T, S) bool replaces the causal mask, as in `_attend`.
 
         q_nope . (W_uk_h c) = (q_nope W_uk_h) . c, so the query moves into latent space, and
         P (c W_uv_h^T) = (P c) W_uv_h^T, so values are up-projected after attention.
@@ -176,6 +187,15 @@ class MultiHeadLatentAttention(nn.Module):
         # expand is a stride-0 view: no per-head copy of the latent.
         o_lat = F.scaled_dot_product_attention(
             q, k.expand(batch, nh, seq_k, -1), v.expand(batch, nh, seq_k, -1),
-            **_causal_mask_args(q.shape[2], seq_k, q.device), scale=self.scale,
+            **_mask_args(mask, q.shape[2], seq_k, q.device), scale=self.scale,
         )  # (B, nh, T, r)
         return torch.einsum("bhtr,hdr->bhtd", o_lat, w_uv)  # (B, nh, T, d)
+
+
+def _mask_args(
+    mask: torch.Tensor | None, num_queries: int, num_keys: int, device: torch.device
+) -> dict:
+    """SDPA masking: the packed-row mask when given, else bottom-right causal."""
+    if mask is not None:
+        return {"attn_mask": mask}
+    return _causal_mask_args(num_queries, num_keys, device)

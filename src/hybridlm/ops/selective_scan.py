@@ -19,6 +19,10 @@ Inside the chunked op, states are laid out (Bt, Lc, N, Din), channels innermost:
 contraction (over N or over Din) is then a broadcast multiply and a sum over a long contiguous
 or outer axis, several times faster on CPU than einsum's batched tiny matmuls.
 
+Both scans take an optional `reset` (Bt, L) bool: where True, the state carried in from
+before step t is dropped (dA_t is replaced by 0), so h_t = delta_t * B_t * u_t starts afresh.
+Packed rows use it at the first token of each example.
+
 Everything is computed in fp32 (fp64 inputs stay fp64, for gradcheck); y comes back in u's
 dtype and the last state in the compute dtype.
 
@@ -58,18 +62,22 @@ def selective_scan_step(
 
 
 def selective_scan_sequential(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h0: Tensor | None = None
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h0: Tensor | None = None,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Reference scan, one Python step per time step (slow; tests only).
 
     u, delta: (Bt, L, Din); A: (Din, N); B, C: (Bt, L, N); D: (Din,); h0: (Bt, Din, N) or None
-    (zeros). Returns y (Bt, L, Din) in u's dtype and h_last (Bt, Din, N).
+    (zeros); reset: (Bt, L) bool or None (see the module doc). Returns y (Bt, L, Din) in u's
+    dtype and h_last (Bt, Din, N).
     """
     batch, length, inner = u.shape
     dtype = _compute_dtype(u.dtype)
     h = u.new_zeros(batch, inner, A.shape[1], dtype=dtype) if h0 is None else h0.to(dtype)
     ys = []
     for t in range(length):
+        if reset is not None:
+            h = h * (~reset[:, t, None, None]).to(dtype)
         y, h = selective_scan_step(h, u[:, t], delta[:, t], A, B[:, t], C[:, t], D)
         ys.append(y)
     return torch.stack(ys, dim=1), h
@@ -84,8 +92,9 @@ def selective_scan_chunked(
     D: Tensor,
     h0: Tensor | None = None,
     chunk_size: int = 64,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Chunked parallel scan, differentiable in every input (h0 included).
+    """Chunked parallel scan, differentiable in every input (h0 included; `reset` is a mask).
 
     Same shapes and result as `selective_scan_sequential`. `chunk_size` bounds the working
     set ((Bt, chunk_size, N, Din) blocks) and sets the number of Python iterations (L / Lc);
@@ -101,7 +110,9 @@ def selective_scan_chunked(
         h0 = u.new_zeros(batch, inner, A.shape[1], dtype=dtype)
     # Transposed to the channels-last layout of the op: A (N, Din), h0 (Bt, N, Din).
     inputs = (t.to(dtype).contiguous() for t in (u, delta, A.T, B, C, D, h0.transpose(1, 2)))
-    y, h_last = _ChunkedScan.apply(*inputs, chunk_size)
+    # keep = 1 - reset multiplies the decays; None keeps the op exactly as without resets.
+    keep = None if reset is None else (~reset.bool()).to(dtype).contiguous()  # (Bt, L)
+    y, h_last = _ChunkedScan.apply(*inputs, chunk_size, keep)
     return y.to(u.dtype), h_last.transpose(1, 2).contiguous()
 
 
@@ -133,11 +144,16 @@ def _linear_scan(decay: Tensor, b: Tensor) -> Tensor:
 
 
 def _chunk_states(
-    u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor, h_in: Tensor
+    u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor, h_in: Tensor, keep: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """States of one chunk. u, delta: (Bt, Lc, Din); A_t: (N, Din); B: (Bt, Lc, N); h_in:
-    (Bt, N, Din) the state before the chunk. Returns dA and the states h, (Bt, Lc, N, Din)."""
+    (Bt, N, Din) the state before the chunk; keep: (Bt, Lc) 0 where the state resets, or None.
+    Returns the decays actually applied, dA * keep, and the states h, (Bt, Lc, N, Din)."""
     dA = torch.exp(delta[:, :, None, :] * A_t)  # (Bt, Lc, N, Din)
+    if keep is not None:
+        # A reset decay is a constant 0, so everything downstream (the scan, and in backward
+        # the adjoint scan and d(dA)/d(delta A) = dA) sees it with no further special case.
+        dA = dA * keep[:, :, None, None]
     dBu = B[..., None] * (delta * u)[:, :, None, :]  # (Bt, Lc, N, Din)
     dBu[:, 0] += dA[:, 0] * h_in  # fold the carried state into the first step
     return dA, _linear_scan(dA[:, 1:], dBu)
@@ -154,19 +170,21 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, u: Tensor, delta: Tensor, A_t: Tensor, B: Tensor, C: Tensor, D: Tensor,
-        h0: Tensor, chunk_size: int,
+        h0: Tensor, chunk_size: int, keep: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         y = torch.empty_like(u)  # (Bt, L, Din)
         h = h0
         starts = []  # state entering each chunk: all that backward needs to rebuild the states
         for sl in _chunks(u.shape[1], chunk_size):
             starts.append(h)
-            _, states = _chunk_states(u[:, sl], delta[:, sl], A_t, B[:, sl], h)
+            keep_c = keep[:, sl] if keep is not None else None
+            _, states = _chunk_states(u[:, sl], delta[:, sl], A_t, B[:, sl], h, keep_c)
             y[:, sl] = (states * C[:, sl, :, None]).sum(dim=2)  # sum over N
             h = states[:, -1].clone()  # a copy, so this chunk's states can be freed
         y += D * u
         ctx.save_for_backward(u, delta, A_t, B, C, D, torch.stack(starts))  # (K, Bt, N, Din)
         ctx.chunk_size = chunk_size
+        ctx.keep = keep  # a mask, not differentiated
         return y, h
 
     @staticmethod
@@ -183,7 +201,8 @@ class _ChunkedScan(torch.autograd.Function):
         for k in reversed(range(len(chunks))):
             sl, h_in = chunks[k], starts[k]
             u_c, delta_c, B_c, gy = u[:, sl], delta[:, sl], B[:, sl], grad_y[:, sl, None, :]
-            dA, h = _chunk_states(u_c, delta_c, A_t, B_c, h_in)  # recomputed, (Bt, Lc, N, Din)
+            keep_c = ctx.keep[:, sl] if ctx.keep is not None else None
+            dA, h = _chunk_states(u_c, delta_c, A_t, B_c, h_in, keep_c)  # recomputed
             # dL/dh_t = C_t gy_t + dA_{t+1} dL/dh_{t+1}: the same recurrence, backwards in
             # time, so it is solved by the forward scan on time-reversed inputs.
             g = C[:, sl, :, None] * gy  # (Bt, Lc, N, Din)
@@ -201,4 +220,4 @@ class _ChunkedScan(torch.autograd.Function):
             grad_u[:, sl] += g_b * delta_c
             grad_A += (g_log * delta_c[:, :, None, :]).sum(dim=(0, 1))
             grad_h = g_dA[:, 0]  # dL/dh_in, handed to the previous chunk
-        return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_h, None
+        return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_h, None, None

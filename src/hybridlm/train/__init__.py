@@ -1,5 +1,6 @@
-"""Training: optimizer, learning-rate schedule, the training loop."""
+"""Training: run config, optimizer, schedules, checkpoints, distributed wrapping, the loop."""
 
-from hybridlm.train.trainer import TrainConfig, TrainResult, train
+from hybridlm.train.config import TrainConfig, load_train_config
+from hybridlm.train.trainer import NonFiniteError, TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["NonFiniteError", "TrainConfig", "TrainResult", "load_train_config", "train"]

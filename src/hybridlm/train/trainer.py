@@ -1,17 +1,24 @@
-"""The training loop: AdamW, warmup + cosine, gradient clipping, held-out loss, checkpoint.
+"""The training loop a researcher can leave running for days.
 
-A run reads a prepared data directory (`hybridlm data prepare` / `hybridlm demo`), trains a
-preset (with overrides), and writes a model directory that every other command loads:
-config.json, model.safetensors, tokenizer.json, train_config.json, metrics.jsonl.
+One optimizer step = the global batch (all ranks) split into micro-batches (gradient
+accumulation) -> clip -> AdamW -> MoE balance_step. Around it: warmup + cosine / WSD / warm
+restarts, held-out loss, metrics (jsonl + TensorBoard), checkpoints every N steps and on
+SIGTERM/SIGINT, exact resume, and a guard that skips non-finite steps and stops after K in a
+row with the last good checkpoint intact.
+
+The batch of step s on rank r depends only on (seed, s, r, world size), so a resumed run sees
+exactly the batches it would have seen, and W ranks together see what one process sees with
+the same global batch.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import shutil
+import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,149 +26,295 @@ import torch
 from tqdm.auto import tqdm
 
 from hybridlm.config import ModelConfig
-from hybridlm.data import BatchSampler, iter_eval_windows, load_prepared
+from hybridlm.data import WindowSampler, iter_eval_windows, load_prepared
 from hybridlm.layers.routing_tables import zipf_routing_table
 from hybridlm.model import HybridLM
+from hybridlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hybridlm.train.config import TrainConfig
+from hybridlm.train.distributed import DistContext, init_distributed, shutdown, wrap
+from hybridlm.train.metrics import MetricsLogger
 from hybridlm.train.optim import build_optimizer
-from hybridlm.train.schedule import warmup_cosine
+from hybridlm.train.schedule import lr_multiplier
 
-
-@dataclass
-class TrainConfig:
-    data: str  # prepared data directory (train.bin, validation.bin, tokenizer.json, ...)
-    out: str  # run directory; the final model is written here
-    preset: str = "tiny"  # ModelConfig preset
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig field overrides
-    steps: int = 300  # optimizer steps
-    batch_size: int = 16  # windows per step
-    seq_len: int = 256  # tokens per window
-    lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # max global gradient norm; <= 0 disables clipping
-    eval_every: int = 100  # held-out loss every K steps (and at the end)
-    eval_batches: int = 8  # batches of the validation split per evaluation
-    max_minutes: float | None = None  # stop early (and still save) after this wall time
-    seed: int = 0
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+CONFIG_FILE = "train_config.json"
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int  # optimizer steps completed (including skipped ones)
     train_loss: float
     val_loss: float
     seconds: float
     tokens_per_s: float
+    skipped_steps: int
+    stopped: str  # "finished" | "signal" | "time" | "non-finite"
     out: str
 
 
-def resolve_device(name: str) -> torch.device:
+class NonFiniteError(RuntimeError):
+    """Raised when too many steps in a row had a non-finite loss or gradient."""
+
+
+def resolve_device(name: str, ctx: DistContext) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and ctx.initialized:
+        return torch.device("cuda", ctx.local_rank)
     return torch.device(name)
 
 
-@torch.no_grad()
-def evaluate(model: HybridLM, tokens, seq_len: int, batch_size: int, max_batches: int,
-             device: torch.device) -> float:
-    """Mean next-token loss (nats/token) over contiguous windows of a held-out split."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for window in iter_eval_windows(tokens, seq_len, batch_size, max_batches):
-        window = window.to(device)
-        n = window.shape[0] * (window.shape[1] - 1)
-        total += model(window, labels=window).loss.item() * n
-        count += n
-    model.train(was_training)
-    return total / count
-
-
 def build_model(cfg: TrainConfig, vocab_size: int, token_counts) -> HybridLM:
-    overrides = {"vocab_size": vocab_size, **cfg.model_overrides}
-    model_config = ModelConfig.from_preset(cfg.preset, **overrides)
+    model_config = ModelConfig.from_preset(cfg.preset, **{"vocab_size": vocab_size, **cfg.model})
     if model_config.vocab_size < vocab_size:
         raise ValueError(
-            f"model vocab_size={model_config.vocab_size} is smaller than the tokenizer's "
-            f"{vocab_size}: token ids would fall outside the embedding"
+            f"the data's token ids go up to {vocab_size - 1} but the model's vocab_size="
+            f"{model_config.vocab_size}: ids would fall outside the embedding"
         )
     torch.manual_seed(cfg.seed)
     model = HybridLM(model_config)
     if model_config.mlp_type == "token_routed" and model_config.routing == "zipf":
         counts = torch.zeros(model_config.vocab_size, dtype=torch.float64)
         counts[: len(token_counts)] = torch.as_tensor(token_counts, dtype=torch.float64)
-        model.set_routing_table(zipf_routing_table(counts, model_config.num_experts))
+        table = zipf_routing_table(counts, model_config.num_experts)
+        if model_config.num_experts_per_layer is None:
+            model.set_routing_table(table)
     return model
 
 
-def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
-    cfg.validate()
-    data = load_prepared(cfg.data)
-    device = resolve_device(cfg.device)
-    model = build_model(cfg, data.vocab_size, data.token_counts).to(device).train()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-
-    sampler = BatchSampler(data.split("train"), cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-    val_tokens = data.split("validation")
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-    )
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    metrics = (out / "metrics.jsonl").open("w")
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="train", disable=not progress, dynamic_ncols=True,
-               mininterval=2.0)
-    loss_value, val_loss, step = math.nan, math.nan, 0
-    for step in bar:
-        window = sampler.batch(step).to(device)  # (B, T + 1)
+@torch.no_grad()
+def evaluate(model, tokens, seq_len: int, batch_size: int, max_batches: int,
+             device: torch.device, autocast) -> float:
+    """Mean next-token loss (nats/token) over contiguous windows of a held-out split."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for window in iter_eval_windows(tokens, seq_len, batch_size, max_batches):
+        window = window.to(device)
         with autocast:
             loss = model(window, labels=window).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        model.balance_step()  # MoE bias balancing from this step's expert loads
-        loss_value = loss.item()
-        elapsed = time.perf_counter() - start
-        record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                  "tokens_per_s": tokens_per_step * (step + 1) / elapsed}
-        last = step + 1 == cfg.steps or (
-            cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
+        n = window.shape[0] * (window.shape[1] - 1)
+        total += loss.item() * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+def _micro_batches(batch, micro: int) -> list[dict[str, torch.Tensor]]:
+    """A rank's batch (windows (B, T+1) or an SFT dict) -> micro-batch dicts of B/micro rows."""
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch, "labels": batch}
+    keys = list(batch)
+    chunks = zip(*(batch[k].split(micro) for k in keys), strict=True)
+    return [dict(zip(keys, parts, strict=True)) for parts in chunks]
+
+
+def _router_stats(aux: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if aux.get("expert_counts"):
+        out["expert_load"] = [
+            (c.float() / c.sum().clamp(min=1)).tolist() for c in aux["expert_counts"]
+        ]
+    if aux.get("router_entropy"):
+        out["router_entropy"] = [float(e) for e in aux["router_entropy"]]
+    if "aux_loss" in aux:
+        out["aux_loss"] = float(aux["aux_loss"])
+    return out
+
+
+def _flops_per_token(model: HybridLM, seq_len: int) -> float:
+    """6 x active parameters + the attention scores (12 x layers x hidden x seq_len)."""
+    c = model.config
+    attention_layers = sum(m in "AL" for m in c.layer_mixers)
+    return 6 * model.num_parameters(active=True) + 12 * attention_layers * c.hidden_size * seq_len
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT ask the loop to checkpoint and stop after the current step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext):
+    """Every check that can fail happens here, before anything is written to the run dir."""
+    cfg.validate()
+    cfg.accumulation_steps(ctx.world_size)
+    data = load_prepared(cfg.data)
+    train_tokens = data.split("train")
+    if len(train_tokens) < cfg.seq_len + 1:
+        raise ValueError(
+            f"the train split of {cfg.data} has {len(train_tokens)} tokens, fewer than one "
+            f"window of seq_len+1={cfg.seq_len + 1}"
         )
-        if (step + 1) % cfg.eval_every == 0 or last:
-            with autocast:
-                val_loss = evaluate(model, val_tokens, cfg.seq_len, cfg.batch_size,
-                                    cfg.eval_batches, device)
-            record["val_loss"] = val_loss
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-        bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}",
-                        lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if last:
-            break
-    bar.close()
-    metrics.close()
-    seconds = time.perf_counter() - start
-    model.save_pretrained(out)
-    shutil.copyfile(data.tokenizer_path, out / "tokenizer.json")
+    model = build_model(cfg, data.vocab_size, data.token_counts)
+    out = Path(cfg.out)
+    saved = out / CONFIG_FILE
+    checkpoint = latest_checkpoint(out)
+    if resume:
+        if checkpoint is None:
+            raise ValueError(f"--resume: {out} holds no checkpoint to resume from")
+        from hybridlm.train.config import load_train_config
+
+        diffs = cfg.differences(load_train_config(saved))
+        if diffs:
+            raise ValueError(
+                f"--resume: the config differs from the saved run in fields that matter: {diffs}"
+            )
+    elif checkpoint is not None:
+        raise ValueError(
+            f"{out} already holds checkpoints ({checkpoint.name}); pass --resume to continue "
+            "it or choose another --out (nothing was overwritten)"
+        )
+    return data, model, (checkpoint if resume else None)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, batches=None) -> TrainResult:
+    """Run (or resume) a training run. `batches` replaces the pre-training window sampler
+    with another source of `.batch(step, rank, world_size)` (SFT)."""
+    ctx = init_distributed(cfg.parallel)
+    try:
+        return _train(cfg, ctx, resume, batches)
+    finally:
+        shutdown()
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, batches) -> TrainResult:
+    data, model, checkpoint = prepare_run(cfg, resume, ctx)
+    device = resolve_device(cfg.device, ctx)
+    out = Path(cfg.out)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / CONFIG_FILE)
+    model = model.to(device).train()
+    plain: HybridLM = model
+    if cfg.compile:
+        for block in model.layers:
+            block.compile()
+    model = wrap(model, ctx, device)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0}
+    start_step = 0
+    if checkpoint is not None:
+        state.update(load_checkpoint(checkpoint, model, optimizer, ctx))
+        start_step = state.pop("step")
+    if batches is None:
+        batches = WindowSampler(data.split("train"), cfg.seq_len, cfg.global_batch_size,
+                                seed=cfg.seed)
+    accumulation = cfg.accumulation_steps(ctx.world_size)
+    micro = cfg.per_rank_micro_batch(ctx.world_size)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    logger = MetricsLogger(out, enabled=ctx.is_main,
+                           resume_step=start_step if checkpoint is not None else None)
+    val_tokens = data.split("validation") if "validation" in data.splits else None
+    tokens_per_step = cfg.global_batch_size * cfg.seq_len
+    peak = _peak_flops(device)
+    flops_per_token = _flops_per_token(plain, cfg.seq_len)
+    stop = _StopFlag()
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True,
+               disable=not (cfg.progress and ctx.is_main), mininterval=1.0)
+    t0 = time.perf_counter()
+    loss_value, val_loss, stopped, step = math.nan, math.nan, "finished", start_step
+
+    def checkpoint_now(at: int) -> None:
+        save_checkpoint(out, at, model, optimizer, dict(state), keep=cfg.keep_checkpoints,
+                        tokenizer_path=data.tokenizer_path, dist=ctx)
+
+    try:
+        for step in range(start_step, cfg.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_multiplier(step, cfg)
+            loss_sum, aux = 0.0, {}
+            parts = _micro_batches(batches.batch(step, ctx.rank, ctx.world_size), micro)
+            for i, part in enumerate(parts):
+                part = {k: v.to(device) for k, v in part.items()}
+                # DDP: all-reduce gradients once, on the last micro-batch.
+                sync = contextlib.nullcontext()
+                if ctx.parallel == "ddp" and i < len(parts) - 1:
+                    sync = model.no_sync()
+                with sync, autocast:
+                    output = model(**part)
+                with sync:
+                    (output.loss / accumulation).backward()
+                loss_sum += output.loss.item() / accumulation
+                aux = output.aux
+            limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
+            loss_value = ctx.all_reduce_mean(loss_sum, device)
+            if math.isfinite(grad_norm) and math.isfinite(loss_value):
+                optimizer.step()
+                plain.balance_step()
+                state["bad_in_a_row"] = 0
+            else:  # skip: no update from this batch, but the data position moves on
+                state["skipped_steps"] += 1
+                state["bad_in_a_row"] += 1
+                plain.balance_step(reduce=lambda t: t.zero_())  # forget this step's loads
+            optimizer.zero_grad(set_to_none=True)
+            state["tokens_seen"] += tokens_per_step
+            if state["bad_in_a_row"] >= cfg.max_bad_steps:
+                stopped = "non-finite"
+                break
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            tokens_per_s = tokens_per_step * (done - start_step) / elapsed
+            record = {"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                      "tokens_per_s": tokens_per_s, "grad_norm": grad_norm,
+                      "skipped_steps": state["skipped_steps"], **_router_stats(aux)}
+            if peak is not None:
+                record["mfu"] = tokens_per_s * flops_per_token / (peak * ctx.world_size)
+            if val_tokens is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+                val_loss = evaluate(model, val_tokens, cfg.seq_len, micro, cfg.eval_batches,
+                                    device, autocast)
+                record["val_loss"] = val_loss
+            if done % cfg.log_every == 0 or "val_loss" in record:
+                logger.log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}",
+                            lr=f"{record['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}",
+                            **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
+            timed_out = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
+            flag = torch.tensor([float(stop.raised or timed_out)], device=device)
+            if ctx.all_reduce_sum(flag).item() > 0:
+                stopped = "signal" if stop.raised else "time"
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopped != "finished":
+                checkpoint_now(done)
+            if stopped != "finished":
+                break
+    finally:
+        bar.close()
+        logger.close()
+        stop.restore()
+    if stopped == "non-finite":
+        raise NonFiniteError(
+            f"stopped at step {step + 1}: {state['bad_in_a_row']} steps in a row had a "
+            f"non-finite loss or gradient (max_bad_steps={cfg.max_bad_steps}); the last good "
+            f"checkpoint is {latest_checkpoint(out)}"
+        )
+    seconds = time.perf_counter() - t0
+    final = latest_checkpoint(out)
+    if ctx.is_main and final is not None:  # the run dir itself is a loadable model dir
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            shutil.copyfile(final / name, out / name)
+    done_steps = step + 1 if stopped != "finished" or cfg.steps > start_step else start_step
     return TrainResult(
-        steps=step + 1, train_loss=loss_value, val_loss=val_loss, seconds=seconds,
-        tokens_per_s=tokens_per_step * (step + 1) / seconds, out=str(out),
+        steps=done_steps, train_loss=loss_value, val_loss=val_loss, seconds=seconds,
+        tokens_per_s=tokens_per_step * max(0, done_steps - start_step) / max(seconds, 1e-9),
+        skipped_steps=state["skipped_steps"], stopped=stopped, out=str(out),
     )

@@ -1,0 +1,142 @@
+"""Data parallelism on PyTorch's own engines, outside the model.
+
+Under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK set) the process group is created with
+NCCL on GPUs and gloo on CPUs. `wrap` applies DDP, or FSDP2 (`fully_shard` on every block,
+then on the root, with a bf16 mixed-precision policy on GPU). Model code stays single-device.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    parallel: str = "none"  # "none" | "ddp" | "fsdp"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.parallel == "fsdp"
+
+    @property
+    def initialized(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.initialized:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.initialized:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def all_reduce_mean(self, value: float, device: torch.device) -> float:
+        if not self.initialized:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The HybridLM under a DDP wrapper (FSDP2 modifies the module in place)."""
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    # --- sharded (FSDP) checkpoints through torch.distributed.checkpoint ---------------------
+    def save_sharded(self, model: nn.Module, optimizer, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+
+    def load_sharded(self, model: nn.Module, optimizer, path: Path) -> None:
+        """Loads at any world size: DCP reshards to the current layout."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    def full_model_copy(self, model: nn.Module) -> nn.Module | None:
+        """An unsharded CPU copy of an FSDP model on rank 0 (None elsewhere), for export."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        full = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if not self.is_main:
+            return None
+        from hybridlm.model import HybridLM
+
+        plain = HybridLM(copy.deepcopy(model.config))
+        plain.load_state_dict(full, strict=False)
+        return plain
+
+
+def init_distributed(parallel: str) -> DistContext:
+    """Create the process group when launched by torchrun; refuse a parallel mode without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if parallel == "none":
+        if world > 1:
+            raise ValueError(
+                f"launched with WORLD_SIZE={world} but parallel='none': pass --parallel ddp|fsdp"
+            )
+        return DistContext()
+    if "RANK" not in os.environ:
+        raise ValueError(
+            f"parallel={parallel!r} needs torchrun: torchrun --nproc_per_node=N "
+            f"-m hybridlm.train ... --parallel {parallel}"
+        )
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, parallel=parallel)
+
+
+def wrap(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+    if ctx.parallel == "ddp":
+        # broadcast_buffers=False: each rank keeps its own MoE load counters (summed by
+        # balance_step), instead of rank 0's overwriting them at every forward.
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                   broadcast_buffers=False)
+    if ctx.parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kwargs = {}
+        if device.type == "cuda":
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                       reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+    return model
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
