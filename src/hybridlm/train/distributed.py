@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,8 +123,10 @@ def wrap(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
         # broadcast_buffers=False: each rank keeps its own MoE load counters (summed by
         # balance_step), instead of rank 0's overwriting them at every forward.
         ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                                   broadcast_buffers=False)
+        with warnings.catch_warnings():  # newer torch deprecates the name, not the behaviour
+            warnings.simplefilter("ignore", FutureWarning)
+            return nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                       broadcast_buffers=False)
     if ctx.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
