@@ -5,6 +5,7 @@
     hybridlm train           --preset tiny --data data/ --steps 300 --out runs/x [--resume]
     torchrun --nproc_per_node=2 -m hybridlm.train --config run.yaml --parallel ddp
     hybridlm plot            runs/x
+    hybridlm sft             --model runs/x --data chats.jsonl --out runs/x-sft --steps 200
     hybridlm generate        --model runs/x --prompt "Once upon a time"
     hybridlm presets
     hybridlm demo            --out runs/demo
@@ -73,6 +74,16 @@ def run_train_command(args: argparse.Namespace) -> None:
         print(json.dumps(vars(result)))
 
 
+def cmd_sft(args: argparse.Namespace) -> None:
+    from hybridlm.train import load_train_config, train
+
+    overrides = {field: getattr(args, field) for field, _ in TRAIN_FLAGS.values()}
+    overrides.update(task="sft", init_from=args.model, compile=args.compile)
+    cfg = load_train_config(args.config, overrides, args.set)
+    result = train(cfg, resume=args.resume)
+    print(json.dumps(vars(result)))
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from hybridlm.train.plots import plot_run
 
@@ -88,15 +99,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     model = HybridLM.from_pretrained(args.model).eval()
     tokenizer = Tokenizer.from_file(args.model)
-    ids = torch.tensor([tokenizer.encode(args.prompt)])
-    if ids.numel() == 0:
+    if args.chat:  # render the prompt as a user turn with the model's chat template
+        from hybridlm.train.sft_data import ChatTemplate
+
+        template = ChatTemplate.load(args.model)
+        prompt_ids = template.render_prompt([{"role": "user", "content": args.prompt}],
+                                            tokenizer)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
         raise ValueError("--prompt is empty")
+    ids = torch.tensor([prompt_ids])
     out = model.generate(
         ids, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         eos_token_id=tokenizer.eos_token_id, generator=torch.Generator().manual_seed(args.seed),
     )
-    print(tokenizer.decode(out[0].tolist(), skip_special_tokens=True))
+    shown = out[0, ids.shape[1]:] if args.chat else out[0]
+    print(tokenizer.decode(shown.tolist(), skip_special_tokens=True))
 
 
 def preset_parameter_counts(name: str) -> tuple[int, int]:
@@ -161,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.set_defaults(func=run_train_command)
 
+    p = sub.add_parser("sft", help="fine-tune a model directory on prompt/response or chat jsonl")
+    p.add_argument("--model", required=True, help="model directory to start from")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_sft)
+
     p = sub.add_parser("plot", help="write PNG plots of a run's metrics into RUN_DIR/plots")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)
@@ -173,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--greedy", action="store_true")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template; print only the reply")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 

@@ -64,7 +64,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     *,
-    tokenizer_path: str | Path | None = None,
+    extra_files: list[Path] = (),
     keep: int = 2,
     dist: Any = None,
 ) -> Path:
@@ -86,8 +86,8 @@ def save_checkpoint(
     if is_main:
         plain = full_model if sharded else (dist.unwrap(model) if dist else model)
         plain.save_pretrained(tmp)
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        for extra in extra_files:  # tokenizer.json, chat_template.json: a complete model dir
+            shutil.copyfile(extra, tmp / Path(extra).name)
         payload = {**state, "step": step, "rng": rng_state()}
         if not sharded:
             payload["optimizer"] = optimizer.state_dict()

@@ -19,6 +19,7 @@ import yaml
 from hybridlm.config import PRESETS
 
 SCHEDULES = ("cosine", "wsd", "restarts")
+TASKS = ("pretrain", "sft")
 PARALLEL = ("none", "ddp", "fsdp")
 
 # Fields a resumed run may change: where and how often things are written, the hardware
@@ -33,6 +34,8 @@ RESUMABLE_CHANGES = frozenset({
 class TrainConfig:
     data: str  # prepared data directory (`hybridlm data prepare`)
     out: str  # run directory: checkpoints, metrics, the final model
+    task: str = "pretrain"  # "pretrain" (prepared token shards) | "sft" (a jsonl of chats)
+    init_from: str | None = None  # start from this model directory instead of a preset
     preset: str = "tiny"  # ModelConfig preset
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig field overrides
     steps: int = 300  # optimizer steps
@@ -87,6 +90,8 @@ class TrainConfig:
                     f"restart_steps={steps!r} must be a non-empty increasing list of steps > 0 "
                     "for schedule='restarts'"
                 )
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} is not one of {list(TASKS)}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; allowed: {sorted(PRESETS)}")
         if self.parallel not in PARALLEL:

@@ -35,6 +35,7 @@ from hybridlm.train.distributed import DistContext, init_distributed, shutdown, 
 from hybridlm.train.metrics import MetricsLogger
 from hybridlm.train.optim import build_optimizer
 from hybridlm.train.schedule import lr_multiplier
+from hybridlm.train.sft_data import CHAT_TEMPLATE_FILE
 
 CONFIG_FILE = "train_config.json"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -153,10 +154,19 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext):
-    """Every check that can fail happens here, before anything is written to the run dir."""
-    cfg.validate()
-    cfg.accumulation_steps(ctx.world_size)
+@dataclass
+class RunInputs:
+    """What a run trains on, built and checked before anything is written."""
+
+    model: HybridLM
+    batches: Any  # .batch(step, rank, world_size) -> windows (B, T+1) or an SFT dict
+    val_tokens: Any  # held-out token stream, or None
+    extra_files: list[Path]  # copied next to every saved model (tokenizer, chat template)
+    checkpoint: Path | None  # where a resumed run continues from
+    chat_template: Any = None  # SFT: saved into the run dir and next to every saved model
+
+
+def _pretrain_inputs(cfg: TrainConfig) -> RunInputs:
     data = load_prepared(cfg.data)
     train_tokens = data.split("train")
     if len(train_tokens) < cfg.seq_len + 1:
@@ -164,40 +174,83 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext):
             f"the train split of {cfg.data} has {len(train_tokens)} tokens, fewer than one "
             f"window of seq_len+1={cfg.seq_len + 1}"
         )
-    model = build_model(cfg, data.vocab_size, data.token_counts)
+    if cfg.init_from is not None:
+        model = HybridLM.from_pretrained(cfg.init_from)
+        if model.config.vocab_size < data.vocab_size:
+            raise ValueError(f"the data's vocabulary ({data.vocab_size}) exceeds the model's "
+                             f"vocab_size={model.config.vocab_size}")
+    else:
+        model = build_model(cfg, data.vocab_size, data.token_counts)
+    batches = WindowSampler(train_tokens, cfg.seq_len, cfg.global_batch_size, seed=cfg.seed)
+    val = data.split("validation") if "validation" in data.splits else None
+    return RunInputs(model, batches, val, [data.tokenizer_path], None)
+
+
+def _sft_inputs(cfg: TrainConfig) -> RunInputs:
+    from hybridlm.data import Tokenizer
+    from hybridlm.train.sft_data import ChatTemplate, SFTBatches, load_sft_dataset
+
+    if cfg.init_from is None:
+        raise ValueError("task='sft' needs init_from: the model directory to fine-tune")
+    tokenizer = Tokenizer.from_file(cfg.init_from)
+    template = ChatTemplate.load(cfg.init_from)
+    rows, stats = load_sft_dataset(cfg.data, tokenizer, template, cfg.seq_len)
+    model = HybridLM.from_pretrained(cfg.init_from)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) exceeds the "
+                         f"model's vocab_size={model.config.vocab_size}")
+    if len(rows) < cfg.global_batch_size:
+        raise ValueError(f"{cfg.data} packs into {len(rows)} rows of {cfg.seq_len} tokens, "
+                         f"fewer than global_batch_size={cfg.global_batch_size}")
+    print(f"[sft] {stats.to_dict()}")
+    batches = SFTBatches(rows, cfg.global_batch_size, cfg.seed)
+    return RunInputs(model, batches, None, [Path(cfg.init_from) / "tokenizer.json"], None,
+                     template)
+
+
+def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext) -> RunInputs:
+    """Every check that can fail happens here, before anything is written to the run dir."""
+    cfg.validate()
+    cfg.accumulation_steps(ctx.world_size)
+    inputs = _sft_inputs(cfg) if cfg.task == "sft" else _pretrain_inputs(cfg)
     out = Path(cfg.out)
-    saved = out / CONFIG_FILE
     checkpoint = latest_checkpoint(out)
     if resume:
         if checkpoint is None:
             raise ValueError(f"--resume: {out} holds no checkpoint to resume from")
         from hybridlm.train.config import load_train_config
 
-        diffs = cfg.differences(load_train_config(saved))
+        diffs = cfg.differences(load_train_config(out / CONFIG_FILE))
         if diffs:
             raise ValueError(
                 f"--resume: the config differs from the saved run in fields that matter: {diffs}"
             )
+        inputs.checkpoint = checkpoint
     elif checkpoint is not None:
         raise ValueError(
             f"{out} already holds checkpoints ({checkpoint.name}); pass --resume to continue "
             "it or choose another --out (nothing was overwritten)"
         )
-    return data, model, (checkpoint if resume else None)
+    if inputs.chat_template is not None:  # the fine-tuned model keeps its chat template
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            inputs.chat_template.save(out)
+        inputs.extra_files.append(out / CHAT_TEMPLATE_FILE)
+    return inputs
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, batches=None) -> TrainResult:
-    """Run (or resume) a training run. `batches` replaces the pre-training window sampler
-    with another source of `.batch(step, rank, world_size)` (SFT)."""
+def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Run (or resume) a pre-training (task='pretrain') or fine-tuning (task='sft') run."""
     ctx = init_distributed(cfg.parallel)
     try:
-        return _train(cfg, ctx, resume, batches)
+        return _train(cfg, ctx, resume)
     finally:
         shutdown()
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, batches) -> TrainResult:
-    data, model, checkpoint = prepare_run(cfg, resume, ctx)
+def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> TrainResult:
+    inputs = prepare_run(cfg, resume, ctx)
+    model, batches, checkpoint = inputs.model, inputs.batches, inputs.checkpoint
     device = resolve_device(cfg.device, ctx)
     out = Path(cfg.out)
     if ctx.is_main:
@@ -215,15 +268,12 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, batches) -> TrainRe
     if checkpoint is not None:
         state.update(load_checkpoint(checkpoint, model, optimizer, ctx))
         start_step = state.pop("step")
-    if batches is None:
-        batches = WindowSampler(data.split("train"), cfg.seq_len, cfg.global_batch_size,
-                                seed=cfg.seed)
     accumulation = cfg.accumulation_steps(ctx.world_size)
     micro = cfg.per_rank_micro_batch(ctx.world_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     logger = MetricsLogger(out, enabled=ctx.is_main,
                            resume_step=start_step if checkpoint is not None else None)
-    val_tokens = data.split("validation") if "validation" in data.splits else None
+    val_tokens = inputs.val_tokens
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     peak = _peak_flops(device)
     flops_per_token = _flops_per_token(plain, cfg.seq_len)
@@ -235,7 +285,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, batches) -> TrainRe
 
     def checkpoint_now(at: int) -> None:
         save_checkpoint(out, at, model, optimizer, dict(state), keep=cfg.keep_checkpoints,
-                        tokenizer_path=data.tokenizer_path, dist=ctx)
+                        extra_files=inputs.extra_files, dist=ctx)
 
     try:
         for step in range(start_step, cfg.steps):
@@ -310,7 +360,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool, batches) -> TrainRe
     seconds = time.perf_counter() - t0
     final = latest_checkpoint(out)
     if ctx.is_main and final is not None:  # the run dir itself is a loadable model dir
-        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        for name in ("config.json", "model.safetensors", *(p.name for p in inputs.extra_files)):
             shutil.copyfile(final / name, out / name)
     done_steps = step + 1 if stopped != "finished" or cfg.steps > start_step else start_step
     return TrainResult(
