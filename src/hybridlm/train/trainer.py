@@ -289,6 +289,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> TrainResult:
 
     try:
         for step in range(start_step, cfg.steps):
+            step_start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_multiplier(step, cfg)
             loss_sum, aux = 0.0, {}
@@ -326,6 +327,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> TrainResult:
             tokens_per_s = tokens_per_step * (done - start_step) / elapsed
             record = {"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                       "tokens_per_s": tokens_per_s, "grad_norm": grad_norm,
+                      "step_seconds": time.perf_counter() - step_start,
                       "skipped_steps": state["skipped_steps"], **_router_stats(aux)}
             if peak is not None:
                 record["mfu"] = tokens_per_s * flops_per_token / (peak * ctx.world_size)
