@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def prepare(work: Path) -> Path:
 
 def run(work: Path, data: Path, name: str, gpus: int, parallel: str, args) -> dict:
     out = work / name
+    shutil.rmtree(out, ignore_errors=True)  # a benchmark always starts a fresh run
     flags = ["--data", str(data), "--out", str(out), "--preset", args.preset,
              "--steps", str(args.steps), "--batch-size", str(args.micro_batch * gpus),
              "--micro-batch-size", str(args.micro_batch), "--seq-len", str(args.seq_len),
@@ -83,7 +85,8 @@ def main() -> None:
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["scaling_efficiency"] = row["tokens_per_s"] / (base * row["gpus"])
-    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    result = {"device": device, "torch": torch.__version__,
               "config": vars(args), "runs": rows}
     (out / "multi_gpu_scaling.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['device']}, torch {result['torch']}, preset {args.preset}, "
