@@ -86,11 +86,12 @@ def build_model(cfg: TrainConfig, vocab_size: int, token_counts) -> HybridLM:
 @torch.no_grad()
 def evaluate(model, tokens, seq_len: int, batch_size: int, max_batches: int,
              device: torch.device, autocast) -> float:
-    """Mean next-token loss (nats/token) over contiguous windows of a held-out split."""
+    """Mean next-token loss (nats/token) over contiguous windows of `seq_len` tokens of a
+    held-out split (consecutive windows share one token: each token is predicted once)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for window in iter_eval_windows(tokens, seq_len, batch_size, max_batches):
+    for window in iter_eval_windows(tokens, seq_len - 1, batch_size, max_batches):
         window = window.to(device)
         with autocast:
             loss = model(window, labels=window).loss
@@ -169,10 +170,10 @@ class RunInputs:
 def _pretrain_inputs(cfg: TrainConfig) -> RunInputs:
     data = load_prepared(cfg.data)
     train_tokens = data.split("train")
-    if len(train_tokens) < cfg.seq_len + 1:
+    if len(train_tokens) < cfg.seq_len:
         raise ValueError(
             f"the train split of {cfg.data} has {len(train_tokens)} tokens, fewer than one "
-            f"window of seq_len+1={cfg.seq_len + 1}"
+            f"sequence of seq_len={cfg.seq_len}"
         )
     if cfg.init_from is not None:
         model = HybridLM.from_pretrained(cfg.init_from)
@@ -181,7 +182,9 @@ def _pretrain_inputs(cfg: TrainConfig) -> RunInputs:
                              f"vocab_size={model.config.vocab_size}")
     else:
         model = build_model(cfg, data.vocab_size, data.token_counts)
-    batches = WindowSampler(train_tokens, cfg.seq_len, cfg.global_batch_size, seed=cfg.seed)
+    # Windows of seq_len tokens on a grid of stride seq_len - 1: the model predicts the
+    # seq_len - 1 tokens after each window's first, so every token is a target exactly once.
+    batches = WindowSampler(train_tokens, cfg.seq_len - 1, cfg.global_batch_size, seed=cfg.seed)
     val = data.split("validation") if "validation" in data.splits else None
     return RunInputs(model, batches, val, [data.tokenizer_path], None)
 
@@ -213,6 +216,10 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext) -> RunInputs:
     cfg.validate()
     cfg.accumulation_steps(ctx.world_size)
     inputs = _sft_inputs(cfg) if cfg.task == "sft" else _pretrain_inputs(cfg)
+    limit = inputs.model.config.max_position_embeddings
+    if cfg.seq_len > limit:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
+                         f"{limit}")
     out = Path(cfg.out)
     checkpoint = latest_checkpoint(out)
     if resume:
