@@ -215,14 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_reporting_errors(func, args: argparse.Namespace, name: str) -> int:
+    """Run a command; bad input ends in one line on stderr and exit code 2, not a traceback."""
     try:
-        args.func(args)
+        func(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"hybridlm {args.command}: error: {err}", file=sys.stderr)
+        print(f"hybridlm {name}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_reporting_errors(args.func, args, args.command)
 
 
 if __name__ == "__main__":

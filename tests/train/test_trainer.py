@@ -170,3 +170,11 @@ def test_run_file_plus_overrides(tmp_path):
     path.write_text("data: [unclosed\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_train_config(path)
+
+
+def test_seq_len_may_equal_but_not_exceed_the_models_positions(prepared_dir, tmp_path):
+    model = {**SMALL, "max_position_embeddings": 64}
+    train(run_config(prepared_dir, tmp_path / "ok", steps=1, seq_len=64, model=model))
+    with pytest.raises(ValueError, match="seq_len=65 exceeds the model's "
+                                         "max_position_embeddings=64"):
+        train(run_config(prepared_dir, tmp_path / "no", steps=1, seq_len=65, model=model))
