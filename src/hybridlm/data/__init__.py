@@ -29,16 +29,8 @@ from .corpus import (
     split_documents,
 )
 from .loader import BatchSampler, WindowSampler, iter_eval_windows, num_eval_windows
-from .prepare import (
-    DEFAULT_SHARD_TOKENS,
-    PreparedData,
-    corpus_fingerprint,
-    default_workers,
-    load_prepared,
-    prepare_corpus,
-    prepare_dataset,
-    token_dtype,
-)
+from .prepare import corpus_fingerprint, default_workers, prepare_corpus, prepare_dataset
+from .shards import DEFAULT_SHARD_TOKENS, PreparedData, load_prepared, token_dtype
 from .stream import TokenStream
 from .tokenizer import EOS_TOKEN, EOS_TOKEN_ID, Tokenizer
 from .unigram import unigram_loss, unigram_probs
