@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= runs/demo
-DEMO_STEPS ?= 250
+DEMO_STEPS ?= 400
 
 .PHONY: venv demo test lint clean
 

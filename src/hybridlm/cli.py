@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="prepare the shipped corpus, train the tiny model, sample")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--max-minutes", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--max-minutes", type=float, default=9.0)
     p.add_argument("--vocab-size", type=int, default=8192)
     p.set_defaults(func=cmd_demo)
     return parser
