@@ -216,10 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_reporting_errors(func, args: argparse.Namespace, name: str) -> int:
-    """Run a command; bad input ends in one line on stderr and exit code 2, not a traceback."""
+    """Run a command; bad input (or a run stopped by non-finite losses) ends in one line on
+    stderr and exit code 2, not a traceback."""
+    from hybridlm.train.trainer import NonFiniteError
+
     try:
         func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, NonFiniteError) as err:
         print(f"hybridlm {name}: error: {err}", file=sys.stderr)
         return 2
     return 0
