@@ -178,3 +178,12 @@ def test_seq_len_may_equal_but_not_exceed_the_models_positions(prepared_dir, tmp
     with pytest.raises(ValueError, match="seq_len=65 exceeds the model's "
                                          "max_position_embeddings=64"):
         train(run_config(prepared_dir, tmp_path / "no", steps=1, seq_len=65, model=model))
+
+
+@pytest.mark.slow  # inductor compiles every block: about a minute on 2 CPU cores
+def test_compiled_blocks_give_the_eager_losses(prepared_dir, tmp_path):
+    train(run_config(prepared_dir, tmp_path / "eager", steps=3))
+    train(run_config(prepared_dir, tmp_path / "compiled", steps=3, compile=True))
+    eager = [r["loss"] for r in read_metrics(tmp_path / "eager")]
+    compiled = [r["loss"] for r in read_metrics(tmp_path / "compiled")]
+    assert compiled == pytest.approx(eager, rel=1e-3)
