@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from hybridlm.data import (
-    BatchSampler,
     TokenStream,
     WindowSampler,
     iter_eval_windows,
@@ -20,39 +19,9 @@ from hybridlm.data import (
 TOKENS = np.arange(10_000, dtype=np.uint16)  # token i has value i: windows are easy to check
 
 
-def test_batch_shapes_and_shift() -> None:
-    w = BatchSampler(TOKENS, batch_size=4, seq_len=16, seed=0).batch(0)
-    assert w.shape == (4, 17) and w.dtype == torch.int64
-    torch.testing.assert_close(w[:, 1:], w[:, :-1] + 1)  # a window is contiguous text
-    assert int(w.min()) >= 0 and int(w.max()) <= TOKENS.size - 1
-
-
-def test_batch_determinism() -> None:
-    a = BatchSampler(TOKENS, batch_size=8, seq_len=32, seed=1)
-    b = BatchSampler(TOKENS.copy(), batch_size=8, seq_len=32, seed=1)
-    for step in (0, 5, 123456):
-        torch.testing.assert_close(a.batch(step), b.batch(step))
-    assert not torch.equal(a.batch(0), a.batch(1))
-    other_seed = BatchSampler(TOKENS, batch_size=8, seq_len=32, seed=2)
-    assert not torch.equal(a.batch(0), other_seed.batch(0))
-    batches = iter(a)
-    torch.testing.assert_close(next(batches), a.batch(0))
-    torch.testing.assert_close(next(batches), a.batch(1))
-
-
-def test_batch_covers_whole_range() -> None:
-    tokens = np.arange(11, dtype=np.uint16)
-    sampler = BatchSampler(tokens, batch_size=64, seq_len=10, seed=0)
-    w = sampler.batch(3)
-    assert torch.equal(w, torch.arange(11).expand(64, 11))  # the only window that fits
-    starts = np.concatenate([BatchSampler(TOKENS, 64, 100, 0).starts(s) for s in range(50)])
-    assert starts.min() >= 0 and starts.max() <= TOKENS.size - 101
-    assert starts.max() > TOKENS.size - 400  # the end of the array is reachable
-
-
-def test_batch_from_prepared_split(prepared_dir: Path) -> None:
+def test_window_sampler_on_a_prepared_split(prepared_dir: Path) -> None:
     data = load_prepared(prepared_dir)
-    w = BatchSampler(data.split("train"), batch_size=2, seq_len=64, seed=0).batch(0)
+    w = WindowSampler(data.split("train"), 64, 2, seed=0).batch(0)
     assert w.shape == (2, 65) and int(w.max()) < data.vocab_size
 
 
@@ -63,9 +32,6 @@ def _sharded(tokens: np.ndarray, cuts: list[int]) -> TokenStream:
 def test_samplers_on_sharded_streams() -> None:
     """Windows spanning shard boundaries read the same tokens as the flat array."""
     stream = _sharded(TOKENS, [5, 17, 18, 400, 401, 5000])
-    a, b = BatchSampler(stream, 16, 40, seed=3), BatchSampler(TOKENS, 16, 40, seed=3)
-    for step in range(20):
-        assert torch.equal(a.batch(step), b.batch(step))
     w1, w2 = WindowSampler(stream, 9, 32, seed=1), WindowSampler(TOKENS, 9, 32, seed=1)
     for step in range(40):
         assert torch.equal(w1.batch(step), w2.batch(step))
@@ -92,15 +58,9 @@ def test_eval_windows_contiguous() -> None:
 def test_short_split_errors() -> None:
     short = np.arange(16, dtype=np.uint16)
     with pytest.raises(ValueError, match="fewer than seq_len"):
-        BatchSampler(short, batch_size=2, seq_len=16, seed=0)
-    with pytest.raises(ValueError, match="fewer than seq_len"):
         iter_eval_windows(short, seq_len=16, batch_size=2)  # raised eagerly, before next()
-    with pytest.raises(ValueError, match="batch_size"):
-        BatchSampler(TOKENS, batch_size=0, seq_len=8, seed=0)
     with pytest.raises(ValueError, match="max_batches"):
         iter_eval_windows(TOKENS, seq_len=8, batch_size=2, max_batches=0)
-    with pytest.raises(ValueError, match="step"):
-        BatchSampler(TOKENS, batch_size=1, seq_len=8, seed=0).batch(-1)
 
 
 # ---------------------------------------------------------------------- WindowSampler

@@ -28,7 +28,7 @@ from .corpus import (
     load_documents,
     split_documents,
 )
-from .loader import BatchSampler, WindowSampler, iter_eval_windows, num_eval_windows
+from .loader import WindowSampler, iter_eval_windows, num_eval_windows
 from .prepare import corpus_fingerprint, default_workers, prepare_corpus, prepare_dataset
 from .shards import DEFAULT_SHARD_TOKENS, PreparedData, load_prepared, token_dtype
 from .stream import TokenStream
@@ -41,7 +41,6 @@ __all__ = [
     "EOS_TOKEN",
     "EOS_TOKEN_ID",
     "SPLITS",
-    "BatchSampler",
     "Document",
     "PreparedData",
     "TokenStream",

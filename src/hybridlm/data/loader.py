@@ -4,8 +4,6 @@
   them in a fresh permutation every epoch; batch ``step`` of rank ``r`` depends only on
   ``(seed, step, r, world_size)``, so a resumed or data-parallel run sees exactly the windows
   a single uninterrupted process with the same global batch sees.
-* :class:`BatchSampler` draws windows at random start positions (with repetition); batch
-  ``step`` depends only on ``(seed, step)``.
 * :func:`iter_eval_windows` walks a held-out split in contiguous, non-overlapping windows.
 
 All return int64 windows of shape (B, T + 1): a window is passed to the model as both
@@ -54,46 +52,6 @@ def _windows(tokens: Tokens, starts: np.ndarray, length: int) -> Batch:
         return _to_batch(tokens.windows(starts, length))
     idx = starts[:, None] + np.arange(length, dtype=np.int64)[None, :]
     return _to_batch(np.asarray(tokens[idx]))
-
-
-class BatchSampler:
-    """Random fixed-length windows, deterministic in ``(seed, step)``.
-
-    Args:
-        tokens: flat token ids (N,): an array or ``PreparedData.split("train")``.
-        batch_size: windows per batch ``B``.
-        seq_len: window length ``T``; each window reads ``T + 1`` tokens.
-        seed: base seed; batch ``step`` uses ``numpy.random.default_rng([seed, step])``.
-    """
-
-    def __init__(self, tokens: Tokens, batch_size: int, seq_len: int, seed: int = 0) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        self.n_tokens = _check_tokens(tokens, seq_len)
-        self.tokens = tokens
-        self.batch_size = batch_size
-        self.seq_len = seq_len
-        self.seed = seed
-
-    def starts(self, step: int) -> np.ndarray:
-        """Start positions (B,) of the windows of batch ``step``, in ``[0, N - T - 1]``."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, self.n_tokens - self.seq_len, size=self.batch_size, dtype=np.int64)
-
-    def batch(self, step: int) -> Batch:
-        """Return the windows of batch ``step``: a LongTensor of shape (B, T + 1)."""
-        return _windows(self.tokens, self.starts(step), self.seq_len + 1)
-
-    def __iter__(self) -> Iterator[Batch]:
-        """Endless stream of batches for steps 0, 1, 2, ..."""
-        step = 0
-        while True:
-            yield self.batch(step)
-            step += 1
 
 
 def num_eval_windows(n_tokens: int, seq_len: int) -> int:
