@@ -197,3 +197,14 @@ def test_tiny_model_loss_falls_on_repeated_text(make_model):
 
 def test_isinstance_model(make_model):
     assert isinstance(make_model(), HybridLM)
+
+
+def test_zipf_routing_builds_one_table_per_expert_count(make_model):
+    model = make_model(num_hidden_layers=2, mlp_pattern="E", num_experts_per_layer=[4, 2],
+                       routing="zipf")
+    counts = torch.arange(97, 0, -1)
+    model.set_zipf_routing(counts)
+    assert torch.equal(model.layers[0].mlp.router.table, zipf_routing_table(counts, 4))
+    assert torch.equal(model.layers[1].mlp.router.table, zipf_routing_table(counts, 2))
+    with pytest.raises(ValueError, match="token_counts has 98 entries but vocab_size=97"):
+        model.set_zipf_routing(torch.ones(98))

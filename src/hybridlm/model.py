@@ -26,6 +26,7 @@ from hybridlm.layers.experts import GroupedExperts
 from hybridlm.layers.moe import MoEMLP
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import segment_positions, segment_starts
+from hybridlm.layers.routing_tables import zipf_routing_table
 from hybridlm.layers.token_routed import TokenRoutedRouter
 
 
@@ -263,6 +264,30 @@ class HybridLM(nn.Module):
             raise ValueError("set_routing_table: the model has no token_routed MLP layer")
         for router in routers:
             router.set_table(table)
+
+    def set_zipf_routing(self, token_counts: torch.Tensor) -> None:
+        """Frequency-balanced tables from corpus counts (V,), one per expert count, so layers
+        with different numbers of experts each get their own bin packing."""
+        routers = [m for m in self.modules() if isinstance(m, TokenRoutedRouter)]
+        if not routers:
+            raise ValueError("set_zipf_routing: the model has no token_routed MLP layer")
+        counts = torch.zeros(self.config.vocab_size, dtype=torch.float64)
+        given = torch.as_tensor(token_counts, dtype=torch.float64).reshape(-1)
+        if given.numel() > counts.numel():
+            raise ValueError(f"token_counts has {given.numel()} entries but vocab_size="
+                             f"{self.config.vocab_size}")
+        counts[: given.numel()] = given
+        tables: dict[int, torch.Tensor] = {}
+        for router in routers:
+            if router.num_experts not in tables:
+                tables[router.num_experts] = zipf_routing_table(counts, router.num_experts)
+            router.set_table(tables[router.num_experts])
+
+    def discard_balance_loads(self) -> None:
+        """Forget the expert loads gathered since the last balance_step (a skipped step)."""
+        for module in self.modules():
+            if isinstance(module, MoEMLP):
+                module.load_since_balance.zero_()
 
     # --- MoE load balancing ----------------------------------------------------------------
     def balance_step(self, reduce: Callable[[torch.Tensor], None] | None = None) -> None:

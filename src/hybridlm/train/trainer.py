@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from hybridlm.config import ModelConfig
 from hybridlm.data import WindowSampler, iter_eval_windows, load_prepared
-from hybridlm.layers.routing_tables import zipf_routing_table
 from hybridlm.model import HybridLM
 from hybridlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hybridlm.train.config import TrainConfig
@@ -75,11 +74,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, token_counts) -> HybridLM:
     torch.manual_seed(cfg.seed)
     model = HybridLM(model_config)
     if model_config.mlp_type == "token_routed" and model_config.routing == "zipf":
-        counts = torch.zeros(model_config.vocab_size, dtype=torch.float64)
-        counts[: len(token_counts)] = torch.as_tensor(token_counts, dtype=torch.float64)
-        table = zipf_routing_table(counts, model_config.num_experts)
-        if model_config.num_experts_per_layer is None:
-            model.set_routing_table(table)
+        model.set_zipf_routing(torch.as_tensor(token_counts))
     return model
 
 
@@ -323,7 +318,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> TrainResult:
             else:  # skip: no update from this batch, but the data position moves on
                 state["skipped_steps"] += 1
                 state["bad_in_a_row"] += 1
-                plain.balance_step(reduce=lambda t: t.zero_())  # forget this step's loads
+                plain.discard_balance_loads()
             optimizer.zero_grad(set_to_none=True)
             state["tokens_seen"] += tokens_per_step
             if state["bad_in_a_row"] >= cfg.max_bad_steps:
