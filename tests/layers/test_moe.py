@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridlm.config import ModelConfig
-from hybridlm.layers.moe import ExpertChoiceRouter, MoEMLP, TopKRouter
+from hybridlm.layers.moe import ExpertChoiceRouter, MoEMLP, TopKRouter, _within_capacity
 
 H, E = 16, 4
 
@@ -188,6 +188,97 @@ def test_capacity_top2_bounds_every_expert():
     assert stats["expert_counts"].max() <= cap
     assert int(stats["expert_counts"].sum() + stats["dropped_tokens"]) == 40
     assert int(stats["dropped_tokens"]) > 0
+
+
+def moe_routed_by(logits: torch.Tensor, **overrides) -> tuple[MoEMLP, torch.Tensor]:
+    """A softmax MoE whose router logits for the returned tokens x (1, N, H) are `logits`
+    (N, E): the gate reads the first E coordinates of x, which hold the logits."""
+    mlp = make_moe(moe_num_shared=1, **overrides)
+    n_tok, n_exp = logits.shape
+    with torch.no_grad():
+        mlp.router.gate.weight.copy_(torch.eye(n_exp, H))
+    x = torch.randn(1, n_tok, H)
+    x[0, :, :n_exp] = logits
+    return mlp, x
+
+
+def reference_capacity_keep(expert_ids: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(N, k) -> (N, k) bool, slot by slot: all first choices in token order, then all
+    second choices, each kept while its expert has room."""
+    n_tok, top_k = expert_ids.shape
+    taken = [0] * E
+    keep = torch.zeros(n_tok, top_k, dtype=torch.bool)
+    for j in range(top_k):
+        for n in range(n_tok):
+            e = int(expert_ids[n, j])
+            keep[n, j] = taken[e] < capacity
+            taken[e] += 1
+    return keep
+
+
+def slots_kept(mlp: MoEMLP, flat: torch.Tensor, keep: torch.Tensor, **cfg) -> list[tuple]:
+    """The reference (token, expert, weight) slots of `flat` whose (n, j) entry of keep is set."""
+    slots = reference_slots(mlp, flat, make_config(**cfg))  # token-major, k per token
+    top_k = keep.shape[1]
+    return [s for m, s in enumerate(slots) if keep[m // top_k, m % top_k]]
+
+
+def test_capacity_serves_first_choices_before_second_choices():
+    # Capacity 1 per expert. In token order, expert 0 would take token 0's second choice and
+    # then drop token 1's first, and expert 2 token 1's second before token 3's first.
+    logits = torch.tensor([[2.0, 3.0, 0.0, -1.0],   # token 0: expert 1, then 0
+                           [3.0, 0.0, 2.0, -1.0],   # token 1: expert 0, then 2
+                           [-1.0, 0.0, 2.0, 3.0],   # token 2: expert 3, then 2
+                           [-1.0, 2.0, 3.0, 0.0]])  # token 3: expert 2, then 1
+    cfg = dict(moe_top_k=2, moe_capacity_factor=0.5)
+    mlp, x = moe_routed_by(logits, **cfg)
+    mlp.train()
+    ids = mlp.router(x[0])[0]
+    assert ids[:, 0].tolist() == [1, 0, 3, 2]  # the construction routes as commented
+    assert ids[:, 0].unique().numel() == E  # every first choice fits a capacity of 1 ...
+    y, stats = mlp(x)
+    assert int(stats["dropped_tokens"]) == 4 and stats["expert_counts"].tolist() == [1] * E
+    first_only = torch.tensor([[True, False]] * 4)  # ... and takes it: seconds are dropped
+    flat = x.reshape(-1, H)
+    expected = per_token_loop(mlp, flat, flat, slots_kept(mlp, flat, first_only, **cfg))
+    torch.testing.assert_close(y.reshape(-1, H), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_capacity_dispatch_equals_a_loop_in_choice_then_position_order(seed):
+    cfg = dict(moe_top_k=2, moe_capacity_factor=0.75, moe_num_shared=1)
+    mlp = make_moe(seed=seed, **cfg).train()
+    mlp.router.expert_bias.copy_(torch.tensor([0.6, 0.3, 0.0, 0.0]))  # overload 0 and 1
+    x = torch.randn(2, 10, H)
+    flat = x.reshape(-1, H)
+    ids = mlp.router(flat)[0]  # (20, 2)
+    capacity = math.ceil(20 * 2 * 0.75 / E)
+    keep = reference_capacity_keep(ids, capacity)
+    # The priority matters here: token order would keep a different set of slots.
+    in_token_order = reference_capacity_keep(ids.reshape(-1, 1), capacity).reshape(20, 2)
+    assert not torch.equal(keep, in_token_order)
+    y, stats = mlp(x)
+    assert int(stats["dropped_tokens"]) == int((~keep).sum()) > 0
+    expected = per_token_loop(mlp, flat, flat, slots_kept(mlp, flat, keep, **cfg))
+    torch.testing.assert_close(y.reshape(-1, H), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_capacity_never_keeps_a_later_choice_while_dropping_an_earlier_one(top_k):
+    torch.manual_seed(0)
+    n_tok, capacity = 64, 20
+    # Skewed choices: experts 0 and 1 are popular, so their capacity runs out.
+    scores = torch.rand(n_tok, E) + torch.tensor([1.0, 0.6, 0.0, 0.0])
+    expert_ids = scores.topk(top_k, dim=-1).indices  # (N, k)
+    keep = _within_capacity(expert_ids, E, capacity)
+    assert torch.equal(keep, reference_capacity_keep(expert_ids, capacity))
+    for e in range(E):
+        mine = expert_ids == e  # (N, k)
+        assert int((keep & mine).sum()) == min(capacity, int(mine.sum()))
+        for j in range(top_k):
+            if (mine[:, j] & ~keep[:, j]).any():  # a j-th choice of e was dropped ...
+                assert not (keep[:, j + 1:] & mine[:, j + 1:]).any()  # ... no later one kept
+    assert (~keep[:, 0]).any() and (~keep).sum() > (~keep[:, 0]).sum()  # both kinds dropped
 
 
 # --- 4. aux loss ------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ while the shared experts read x.
 
 Routers (config.moe_router):
   topk           each token picks its k best experts (Switch k=1, Mixtral k=2). An optional
-                 capacity drops the overflow of busy experts, in training only.
+                 capacity drops the overflow of busy experts, in training only, first
+                 choices served before second choices.
   expert_choice  each expert picks its C best tokens (Zhou et al. 2022): balanced by
                  construction, but NOT causal — a token's experts depend on the other tokens.
 
@@ -149,6 +150,19 @@ def _rank_within_expert(expert_idx: torch.Tensor, num_experts: int) -> torch.Ten
     return rank
 
 
+def _within_capacity(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """(N, k) experts chosen by each token -> (N, k) bool: the slot fits its expert's capacity.
+
+    Each expert serves its slots in the order (choice index, token position), as GShard and
+    Switch do: every first choice before any second choice, and within one choice index
+    earlier tokens first. So a later token's first choice never loses its place to an
+    earlier token's second choice.
+    """
+    choice_major = expert_ids.t().reshape(-1)  # (k*N,) all first choices, then all second ...
+    keep = _rank_within_expert(choice_major, num_experts) < capacity  # (k*N,)
+    return keep.reshape(expert_ids.shape[1], -1).t()  # (N, k), the layout of expert_ids
+
+
 class MoEMLP(nn.Module):
     """Learned MoE with the shared MLP interface: forward(x, *, token_ids, shortcut) -> (y, stats).
 
@@ -157,9 +171,11 @@ class MoEMLP(nn.Module):
     sum of several SwiGLUs on the same input is exactly one SwiGLU with their hidden units
     concatenated.
 
-    Capacity (top-k, `moe_capacity_factor` set): in training each expert keeps its first
-    C = ceil(N * k * factor / E) slots in token order (Switch-style priority by position) and
-    drops the rest; a dropped slot contributes nothing. In eval nothing is dropped, so a
+    Capacity (top-k, `moe_capacity_factor` set): in training each expert keeps
+    C = ceil(N * k * factor / E) of its slots and drops the rest; a dropped slot contributes
+    nothing. Priority is GShard/Switch order: an expert serves all first choices (in token
+    position order over the flattened batch) before any second choice, and so on, so a
+    token loses its first choice only to other first choices. In eval nothing is dropped, so a
     sequence's output never depends on the rest of the batch and cached decoding equals the
     full forward.
 
@@ -250,7 +266,8 @@ class MoEMLP(nn.Module):
             selected = torch.bincount(expert_idx, minlength=self.num_experts)  # (E,)
             if self.training and self.capacity_factor is not None:
                 capacity = _ceil(num_tokens * top_k * self.capacity_factor / self.num_experts)
-                keep = _rank_within_expert(expert_idx, self.num_experts) < capacity  # (M,)
+                keep = _within_capacity(expert_ids, self.num_experts, capacity)  # (N, k)
+                keep = keep.reshape(-1)  # (M,) in slot order
                 token_idx, expert_idx = token_idx[keep], expert_idx[keep]
                 slot_weights = slot_weights[keep]
                 dropped = (~keep).sum()
