@@ -35,6 +35,7 @@ class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
     loss: torch.Tensor | None = None  # scalar mean next-token cross-entropy (+ aux losses)
     aux: dict[str, Any] = field(default_factory=dict)  # router stats per layer, mu norms
+    lm_loss: torch.Tensor | None = None  # scalar: the next-token term of `loss` (with grad)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class HybridLM(nn.Module):
         *,
         cache: ModelCache | None = None,
         segment_ids: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
     ) -> ModelOutput:
         """input_ids (B, T) long in [0, V); labels (B, T) aligned with input_ids (shifted
         inside, as in HF transformers; -100 = ignore). With `cache`, input_ids continue the
@@ -115,7 +117,12 @@ class HybridLM(nn.Module):
         block-diagonal causal, positions restart at 0, Mamba state and conv restart), and the
         label at an example's first token is ignored, so no prediction crosses a boundary.
         Per-token MLPs keep this exact; a learned MoE with capacity limits or expert choice
-        still sees the whole batch, as it does unpacked. Not with a cache."""
+        still sees the whole batch, as it does unpacked. Not with a cache.
+
+        num_items_in_batch (as in HF transformers): the next-token loss is the sum of the
+        token losses divided by it instead of their mean, so micro-batches with different
+        numbers of targets add up to the token mean of the whole batch when it is the batch's
+        target count (`count_targets`). Aux losses are added unscaled either way."""
         self._check_input_ids(input_ids)
         seq = input_ids.shape[1]
         if segment_ids is not None:
@@ -150,21 +157,20 @@ class HybridLM(nn.Module):
         logits = self.lm_head(self.norm(h))  # (B, T, V)
         aux = _collect_aux(stats_per_layer)
         aux["mu_norms"] = mu_norms
-        loss = None
+        loss = lm_loss = None
         if labels is not None:
-            targets = labels[:, 1:]
-            if segment_ids is not None:  # an example's first token is not predicted from the
-                first = segment_starts(segment_ids)[:, 1:]  # previous example's last one
-                targets = targets.masked_fill(first, -100)
-            loss = F.cross_entropy(
+            targets = next_token_targets(labels, segment_ids)  # (B, T-1)
+            lm_loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                 targets.reshape(-1),
                 ignore_index=-100,
+                reduction="mean" if num_items_in_batch is None else "sum",
             )
-            aux["lm_loss"] = loss.detach()
-            if "aux_loss" in aux:
-                loss = loss + aux["aux_loss"]
-        return ModelOutput(logits=logits, loss=loss, aux=aux)
+            if num_items_in_batch is not None:
+                lm_loss = lm_loss / num_items_in_batch
+            aux["lm_loss"] = lm_loss.detach()
+            loss = lm_loss + aux["aux_loss"] if "aux_loss" in aux else lm_loss
+        return ModelOutput(logits=logits, loss=loss, aux=aux, lm_loss=lm_loss)
 
     @staticmethod
     def _check_segment_ids(
@@ -336,6 +342,23 @@ class HybridLM(nn.Module):
         from hybridlm.checkpoint import load_model
 
         return load_model(cls, directory, device=device)
+
+
+def next_token_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """labels (B, T) -> the targets (B, T-1) that positions 0..T-2 predict, -100 where none:
+    labels shifted by one, and in packed rows nothing at an example's first token (it is not
+    predicted from the previous example's last one)."""
+    targets = labels[:, 1:]
+    if segment_ids is not None:
+        targets = targets.masked_fill(segment_starts(segment_ids)[:, 1:], -100)
+    return targets
+
+
+def count_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """The number of supervised next-token targets in a batch: () long."""
+    return (next_token_targets(labels, segment_ids) != -100).sum()
 
 
 def _collect_aux(stats_per_layer: list[dict[str, torch.Tensor]]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from hybridlm.config import ModelConfig
 from hybridlm.data import WindowSampler, iter_eval_windows, load_prepared
-from hybridlm.model import HybridLM
+from hybridlm.model import HybridLM, count_targets
 from hybridlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hybridlm.train.config import TrainConfig
 from hybridlm.train.distributed import DistContext, init_distributed, shutdown, wrap
@@ -104,6 +104,40 @@ def _micro_batches(batch, micro: int) -> list[dict[str, torch.Tensor]]:
     keys = list(batch)
     chunks = zip(*(batch[k].split(micro) for k in keys), strict=True)
     return [dict(zip(keys, parts, strict=True)) for parts in chunks]
+
+
+def backward_global_batch(model, parts: list[dict[str, torch.Tensor]], ctx: DistContext,
+                          device: torch.device, autocast=None
+                          ) -> tuple[float, dict[str, Any]]:
+    """Forward and backward of this rank's micro-batches: once DDP/FSDP have averaged them
+    over ranks, the gradients are those of the global batch's token-mean next-token loss plus
+    the mean of the micro-batches' aux losses. Returns (this rank's share of that loss, whose
+    mean over ranks is the loss; the last micro-batch's aux)."""
+    autocast = autocast or contextlib.nullcontext()
+    parts = [{k: v.to(device) for k, v in part.items()} for part in parts]
+    # Each micro-batch divides its summed token losses by the target count of the whole
+    # global batch, so micro-batches and ranks weigh by their supervised tokens (SFT rows
+    # differ), as in one big batch: one all-reduce of the count, before any forward.
+    local_count = sum(count_targets(p["labels"], p.get("segment_ids")) for p in parts)
+    global_count = ctx.all_reduce_sum(local_count).clamp(min=1)  # () long
+    loss_sum, aux = 0.0, {}
+    for i, part in enumerate(parts):
+        # DDP: all-reduce gradients once, on the last micro-batch (no_sync is entered once:
+        # it is a generator context manager).
+        sync = contextlib.nullcontext()
+        if ctx.parallel == "ddp" and i < len(parts) - 1:
+            sync = model.no_sync()
+        with sync:
+            with autocast:
+                output = model(**part, num_items_in_batch=global_count)
+            # DDP and FSDP average gradients over ranks; the ranks' token sums must add up.
+            objective = output.lm_loss * ctx.world_size
+            if "aux_loss" in output.aux:  # a per-micro-batch mean, weighted as before
+                objective = objective + output.aux["aux_loss"] / len(parts)
+            objective.backward()
+        loss_sum += objective.item()
+        aux = output.aux
+    return loss_sum, aux
 
 
 def _router_stats(aux: dict[str, Any]) -> dict[str, Any]:
@@ -270,7 +304,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> TrainResult:
     if checkpoint is not None:
         state.update(load_checkpoint(checkpoint, model, optimizer, ctx))
         start_step = state.pop("step")
-    accumulation = cfg.accumulation_steps(ctx.world_size)
     micro = cfg.per_rank_micro_batch(ctx.world_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     logger = MetricsLogger(out, enabled=ctx.is_main,
@@ -294,20 +327,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> TrainResult:
             step_start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_multiplier(step, cfg)
-            loss_sum, aux = 0.0, {}
             parts = _micro_batches(batches.batch(step, ctx.rank, ctx.world_size), micro)
-            for i, part in enumerate(parts):
-                part = {k: v.to(device) for k, v in part.items()}
-                # DDP: all-reduce gradients once, on the last micro-batch.
-                sync = contextlib.nullcontext()
-                if ctx.parallel == "ddp" and i < len(parts) - 1:
-                    sync = model.no_sync()
-                with sync, autocast:
-                    output = model(**part)
-                with sync:
-                    (output.loss / accumulation).backward()
-                loss_sum += output.loss.item() / accumulation
-                aux = output.aux
+            loss_sum, aux = backward_global_batch(model, parts, ctx, device, autocast)
             limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
             loss_value = ctx.all_reduce_mean(loss_sum, device)
