@@ -125,7 +125,7 @@ class Mamba(nn.Module):
         xs = F.silu(conv).transpose(1, 2)  # (B, T, Din)
         dt, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # Step sizes and A in fp32: exp(delta * A) is sensitive to rounding in low precision.
-        delta = F.softplus(self.dt_proj(dt).float())  # (B, T, Din)
+        delta = F.softplus(self._fp32_dt_proj(dt))  # (B, T, Din)
         a = -torch.exp(self.A_log.float())  # (Din, N)
         if cache is not None and seq == 1:
             y, h = selective_scan_step(cache.ssm_state, xs[:, 0], delta[:, 0], a, b[:, 0],
@@ -140,6 +140,19 @@ class Mamba(nn.Module):
             cache.length += seq
         return self.out_proj(y * F.silu(z))
 
+    def _fp32_dt_proj(self, dt: torch.Tensor) -> torch.Tensor:
+        """dt (B, T, R) -> dt_proj(dt) (B, T, Din) float32 whatever the surrounding autocast
+        says. Under FSDP mixed precision dt_proj, A_log and D stay fp32 (see shard_fsdp)."""
+        with torch.autocast(device_type=dt.device.type, enabled=False):
+            weight, bias = self.dt_proj.weight.float(), self.dt_proj.bias.float()
+            return F.linear(dt.float(), weight, bias)
+
+    def _conv_params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv1d's weight (Din, 1, K) and bias (Din,) in the activations' dtype. They may be
+        stored wider (FSDP keeps them in Mamba's fp32 group); the conv itself runs, as the
+        projections do, in the activation dtype."""
+        return self.conv1d.weight.to(dtype), self.conv1d.bias.to(dtype)
+
     def _conv(self, x: torch.Tensor, cache: MambaCache | None) -> torch.Tensor:
         """Causal depthwise conv over time: x (B, Din, T) -> (B, Din, T).
 
@@ -152,18 +165,20 @@ class Mamba(nn.Module):
         else:
             x = torch.cat([cache.conv_state.to(x.dtype), x], dim=-1)  # (B, Din, K-1+T)
             cache.conv_state.copy_(x[:, :, x.shape[-1] - past:].detach())
-        return F.conv1d(x, self.conv1d.weight, self.conv1d.bias, groups=self.inner)
+        weight, bias = self._conv_params(x.dtype)
+        return F.conv1d(x, weight, bias, groups=self.inner)
 
     def _segment_conv(self, x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """The causal depthwise conv of packed rows: x (B, Din, T), starts (B, T) bool ->
         (B, Din, T). Output t sums w_j * x_{t-s} over the lags s < K whose input lies in t's
         own example, which equals `_conv` of each example alone (missing past = zeros)."""
         seq = x.shape[-1]
-        weight = self.conv1d.weight[:, 0]  # (Din, K); tap K-1 multiplies the current input
+        weight, bias = self._conv_params(x.dtype)
+        weight = weight[:, 0]  # (Din, K); tap K-1 multiplies the current input
         example = starts.cumsum(dim=1)  # (B, T): running example number
         out = x * weight[:, -1:]
         for lag in range(1, min(self.d_conv, seq)):
             same = (example[:, lag:] == example[:, :-lag]).to(x.dtype)  # (B, T - lag)
             shifted = x[:, :, :-lag] * same[:, None]  # x_{t-lag}, kept only in t's example
             out = out + F.pad(shifted * weight[:, -1 - lag, None], (lag, 0))
-        return out + self.conv1d.bias[:, None]
+        return out + bias[:, None]

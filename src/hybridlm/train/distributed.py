@@ -2,7 +2,8 @@
 
 Under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK set) the process group is created with
 NCCL on GPUs and gloo on CPUs. `wrap` applies DDP, or FSDP2 (`fully_shard` on every block,
-then on the root, with a bf16 mixed-precision policy on GPU). Model code stays single-device.
+then on the root, with a bf16 mixed-precision policy on GPU; the fp32 parts in their own fp32
+groups). Model code stays single-device.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from hybridlm.layers.mamba import Mamba
+from hybridlm.layers.moe import ExpertChoiceRouter, TopKRouter
 
 
 @dataclass
@@ -118,7 +122,10 @@ def init_distributed(parallel: str) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, parallel=parallel)
 
 
-def wrap(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, ctx: DistContext, device: torch.device,
+         param_dtype: torch.dtype | None = None) -> nn.Module:
+    """DDP, or FSDP2 with the parameters gathered in `param_dtype` for the forward (default:
+    bf16 on GPU, fp32 on CPU), except the parts that must stay fp32 (`shard_fsdp`)."""
     if ctx.parallel == "ddp":
         # broadcast_buffers=False: each rank keeps its own MoE load counters (summed by
         # balance_step), instead of rank 0's overwriting them at every forward.
@@ -128,16 +135,50 @@ def wrap(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
             return nn.parallel.DistributedDataParallel(model, device_ids=ids,
                                                        broadcast_buffers=False)
     if ctx.parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        kwargs = {}
-        if device.type == "cuda":
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                                                       reduce_dtype=torch.float32)
-        for block in model.layers:
-            fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
+        if param_dtype is None and device.type == "cuda":
+            param_dtype = torch.bfloat16
+        shard_fsdp(model, param_dtype)
     return model
+
+
+def shard_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> None:
+    """FSDP2: `fully_shard` on every block, then on the root, parameters gathered in
+    `param_dtype` (None: as stored), gradients reduced in fp32.
+
+    The MoE routers and Mamba's SSM parameters (A_log, D, dt_proj) must reach the forward in
+    fp32: bf16 rounding flips near-tied routing decisions and moves the decays
+    exp(delta * A). Each such module gets its own group with an fp32 policy, sharded before
+    its block, so the block's group takes only the rest. A group holds the parameters of its
+    module not already in a nested group, so Mamba's big projections (called as modules) get
+    bf16 groups of their own first, and the mixer's fp32 group keeps A_log, D, dt_proj and
+    conv1d (read directly by the forward, which casts it to the activations' dtype).
+    Parameter names are unchanged, so checkpoints load as before.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    low = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # cast_forward_inputs=False: inputs keep the activation dtype; these modules cast to fp32
+    # themselves where it matters (and that also holds under autocast, without FSDP).
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                cast_forward_inputs=False)
+    # fully_shard replaces every parameter by a new DTensor one, dropping Python attributes.
+    no_decay = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+    for block in model.layers:
+        for module in _fp32_modules(block):
+            if isinstance(module, Mamba):
+                for projection in (module.in_proj, module.x_proj, module.out_proj):
+                    fully_shard(projection, mp_policy=low)
+            fully_shard(module, mp_policy=fp32)
+        fully_shard(block, mp_policy=low)
+    fully_shard(model, mp_policy=low)
+    for name, param in model.named_parameters():
+        if name in no_decay:
+            param._no_weight_decay = True
+
+
+def _fp32_modules(block: nn.Module) -> list[nn.Module]:
+    """The modules of `block` whose own parameters must reach the forward in fp32."""
+    return [m for m in block.modules() if isinstance(m, (TopKRouter, ExpertChoiceRouter, Mamba))]
 
 
 def shutdown() -> None:
