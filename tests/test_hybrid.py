@@ -139,19 +139,50 @@ def test_aux_loss_is_added_to_the_model_loss():
     assert len(out.aux["expert_counts"]) == 2 and len(out.aux["router_entropy"]) == 2
 
 
-def test_balance_step_sums_loads_over_ranks_and_moves_the_bias():
+def _expected_bias_step(balance: str, load: torch.Tensor, rate: float,
+                        decay: float) -> torch.Tensor:
+    """The first bias step from zero bias (and load_ema = 1) for a summed load (E,):
+    aux_free +gamma * sign(mean - load); ema -rate * (1 - decay) * (load / mean - 1)."""
+    mean = load.mean()
+    if balance == "aux_free":
+        return rate * torch.sign(mean - load)
+    return -rate * (1 - decay) * (load / mean - 1)
+
+
+@pytest.mark.parametrize("balance", ["aux_free", "ema"])
+def test_balance_step_moves_the_bias_by_the_load_summed_over_ranks(balance):
+    """The fake reduce adds another rank's load that reverses which experts are busy
+    (summed = max(local) * 2 - local), so the bias must move the opposite way from what the
+    local load alone would give: a balance step that drops the reduced load is noticed."""
+    rate, decay = 0.1, 0.9
     torch.manual_seed(0)
-    model = HybridLM(small(mlp_type="moe", moe_balance="aux_free", moe_bias_update_rate=0.1))
-    model.train()
+    model = HybridLM(small(mlp_type="moe", moe_balance=balance, moe_bias_update_rate=rate,
+                           moe_load_ema_decay=decay)).train()
     with torch.no_grad():
-        model.layers[0].mlp.router.gate.weight[0].fill_(1.0)  # skew: expert 0 wins often
+        for block in model.layers:
+            block.mlp.router.gate.weight[0].fill_(1.0)  # skew: expert 0 wins often
         model(torch.randint(0, 61, (4, 16)))
-    seen = []
-    model.balance_step(reduce=lambda t: (seen.append(t.clone()), t.mul_(2)))
-    assert len(seen) == 2 and all(int(t.sum()) == 4 * 16 * 2 for t in seen)
-    bias = model.layers[0].mlp.router.expert_bias
-    assert bias.abs().sum() > 0
-    assert model.layers[0].mlp.pending_load().sum() == 0  # reset after the update
+    local = [block.mlp.pending_load().clone() for block in model.layers]  # (E,) each
+    summed = [2 * load.max() - load for load in local]
+    assert all(len(set(load.tolist())) > 2 for load in local)  # busy and idle experts
+
+    reduced = []
+
+    def add_other_rank(load: torch.Tensor) -> None:  # in place, as all_reduce
+        other = 2 * load.max() - 2 * load  # (E,) >= 0: the other rank's load
+        reduced.append(load.clone())
+        load.add_(other)
+
+    model.balance_step(reduce=add_other_rank)
+    assert len(reduced) == len(model.layers)  # one reduce per MoE layer, on its local load
+    for block, seen, mine, total in zip(model.layers, reduced, local, summed, strict=True):
+        torch.testing.assert_close(seen, mine)
+        bias = block.mlp.router.expert_bias
+        expected = _expected_bias_step(balance, total, rate, decay)
+        torch.testing.assert_close(bias, expected, rtol=1e-6, atol=1e-7)
+        from_local_alone = _expected_bias_step(balance, mine, rate, decay)
+        assert torch.sign(from_local_alone).eq(-torch.sign(bias)).all()
+        assert block.mlp.pending_load().sum() == 0  # reset after the update
 
 
 def test_per_layer_expert_counts_and_patterns():
