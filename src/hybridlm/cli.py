@@ -99,12 +99,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     model = HybridLM.from_pretrained(args.model).eval()
     tokenizer = Tokenizer.from_file(args.model)
+    stop_strings = None
     if args.chat:  # render the prompt as a user turn with the model's chat template
         from hybridlm.train.sft_data import ChatTemplate
 
         template = ChatTemplate.load(args.model)
         prompt_ids = template.render_prompt([{"role": "user", "content": args.prompt}],
                                             tokenizer)
+        stop_strings = template.stop_strings()  # the reply ends before any next turn
     else:
         prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
@@ -114,9 +116,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
         ids, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         eos_token_id=tokenizer.eos_token_id, generator=torch.Generator().manual_seed(args.seed),
+        stop_strings=stop_strings, tokenizer=tokenizer,
     )
-    shown = out[0, ids.shape[1]:] if args.chat else out[0]
-    print(tokenizer.decode(shown.tolist(), skip_special_tokens=True))
+    if args.chat:
+        from hybridlm.infer.generate import cut_at_stop_strings
+
+        reply = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        print(cut_at_stop_strings(reply, stop_strings))
+    else:
+        print(tokenizer.decode(out[0].tolist(), skip_special_tokens=True))
 
 
 def preset_parameter_counts(name: str) -> tuple[int, int]:
@@ -199,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--chat", action="store_true",
-                   help="wrap the prompt in the model's chat template; print only the reply")
+                   help="wrap the prompt in the model's chat template; print only the reply "
+                        "(which ends at eos or before the next role marker)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 

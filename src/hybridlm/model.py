@@ -11,7 +11,7 @@ Glossary: B batch, T tokens, H hidden, V vocab, L layers, E experts.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,15 +251,19 @@ class HybridLM(nn.Module):
         top_p: float | None = None,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        stop_strings: Sequence[str] | None = None,
+        tokenizer=None,
     ) -> torch.Tensor:
         """Continue input_ids (B, T0) by up to max_new_tokens with a KV cache -> (B, T0 + n).
-        do_sample=False is greedy. Sequences that emitted eos_token_id are padded with it."""
+        do_sample=False is greedy. Sequences that emitted eos_token_id are padded with it, as
+        are those whose text reached one of `stop_strings` (decoded with `tokenizer`)."""
         from hybridlm.infer.generate import generate
 
         self._check_causal()
         return generate(
             self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
+            stop_strings=stop_strings, tokenizer=tokenizer,
         )
 
     # --- routing -------------------------------------------------------------------------------

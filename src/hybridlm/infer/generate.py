@@ -5,6 +5,8 @@ Glossary: B batch, T0 prompt length, V vocab.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -34,6 +36,37 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class StopStrings:
+    """Finds stop strings in the text each row has generated (prompts are never searched).
+
+    Only the last `window` tokens are decoded at each step: a string of n UTF-8 bytes that
+    the newest token completed lies within the last n tokens (every token is >= 1 byte)."""
+
+    def __init__(self, strings: Sequence[str], tokenizer) -> None:
+        if isinstance(strings, str) or not strings or not all(
+                isinstance(x, str) and x for x in strings):
+            raise ValueError(f"stop_strings={strings!r} must be a non-empty list of non-empty "
+                             "strings")
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer that decodes the tokens")
+        self.strings = tuple(strings)
+        self.tokenizer = tokenizer
+        self.window = max(len(x.encode("utf-8")) for x in self.strings)
+
+    def found(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """new_tokens (B, n) generated so far -> (B,) bool: a stop string ends in them."""
+        tails = new_tokens[:, -self.window:].tolist()
+        texts = [self.tokenizer.decode(row) for row in tails]
+        hits = [any(x in text for x in self.strings) for text in texts]
+        return torch.tensor(hits, dtype=torch.bool, device=new_tokens.device)
+
+
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+    """The text before the first occurrence of any stop string (all of it if none occurs)."""
+    cut = min((i for i in (text.find(x) for x in stop_strings) if i >= 0), default=len(text))
+    return text[:cut]
+
+
 def _check_args(max_new_tokens: int, temperature: float, top_k: int | None,
                 top_p: float | None) -> None:
     if max_new_tokens < 0:
@@ -58,9 +91,21 @@ def generate(
     top_p: float | None = None,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer=None,
 ) -> torch.Tensor:
-    """input_ids (B, T0) -> (B, T0 + n), n <= max_new_tokens (fewer if all hit eos)."""
+    """input_ids (B, T0) -> (B, T0 + n), n <= max_new_tokens (fewer if all hit eos).
+
+    stop_strings (with the `tokenizer`, as in HF transformers): a row also stops once its
+    generated text contains one of them; the output keeps the tokens up to the one that
+    completed it (cut the text with `cut_at_stop_strings`). Stopped rows are padded with
+    eos_token_id, which is then required."""
     _check_args(max_new_tokens, temperature, top_k, top_p)
+    stop = None
+    if stop_strings is not None:
+        stop = StopStrings(stop_strings, tokenizer)
+        if eos_token_id is None:
+            raise ValueError("stop_strings needs eos_token_id: it pads the rows that stopped")
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     limit = model.config.max_position_embeddings
@@ -83,6 +128,8 @@ def generate(
                 nxt = nxt.masked_fill(finished, eos_token_id)
                 finished |= nxt == eos_token_id
             out.append(nxt[:, None])
+            if stop is not None:  # out[1:]: the generated tokens, (B, 1) each
+                finished |= stop.found(torch.cat(out[1:][-stop.window:], dim=1))
             if eos_token_id is not None and bool(finished.all()):
                 break
             logits = model(nxt[:, None], cache=cache).logits[:, -1]

@@ -19,7 +19,8 @@ least one assistant turn. Other keys of a record or a message are ignored.
 
 Rendering (`ChatTemplate`): each turn is its role marker followed by its content. System and
 user turns end with ``turn_end``; an assistant turn ends with the end-of-text token instead,
-the token generation stops at. Markers are plain text, so the vocabulary never grows. The loss
+the token generation stops at. Markers are plain text, so the vocabulary never grows (and
+generation also stops at them: `ChatTemplate.stop_strings`, as `generate --chat` does). The loss
 covers exactly the assistant contents and the end-of-text token after each of them (every
 assistant turn of a conversation is trained); markers, system and user turns are context only.
 Markers, contents and ``turn_end`` are encoded separately and concatenated, so the mask falls
@@ -140,6 +141,13 @@ class ChatTemplate:
         check_messages(messages)
         ids = [i for m in messages for piece, _ in self._turn(m, tokenizer) for i in piece]
         return ids + tokenizer.encode(self.assistant)
+
+    def stop_strings(self) -> list[str]:
+        """Where a generated assistant turn must end besides eos: the role markers (stripped
+        of surrounding whitespace), since they are plain text a model can write, running on
+        into a turn of its own invention."""
+        markers = (getattr(self, role).strip() or getattr(self, role) for role in ROLES)
+        return list(dict.fromkeys(markers))
 
     def _turn(self, message: Message, tokenizer: Tokenizer) -> list[tuple[list[int], bool]]:
         role, content = message["role"], message["content"]
