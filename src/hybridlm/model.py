@@ -10,6 +10,7 @@ Glossary: B batch, T tokens, H hidden, V vocab, L layers, E experts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch import nn
 from hybridlm.config import ModelConfig
 from hybridlm.layers.block import Block, mu_reading_layers
 from hybridlm.layers.experts import GroupedExperts
-from hybridlm.layers.moe import MoEMLP
+from hybridlm.layers.moe import MoEMLP, causal_routing
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import segment_positions, segment_starts
 from hybridlm.layers.routing_tables import zipf_routing_table
@@ -229,15 +230,24 @@ class HybridLM(nn.Module):
 
     @property
     def is_causal(self) -> bool:
-        """False when a layer's output depends on later tokens (expert-choice routing)."""
+        """False when a layer's output depends on later tokens (expert-choice routing,
+        outside `causal_routing`)."""
         return all(getattr(b.mlp, "is_causal", True) for b in self.layers)
+
+    def causal_routing(self, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+        """`with model.causal_routing():` expert-choice layers route by token choice over the
+        same router scores (each token its round(capacity_factor) best experts; see
+        ExpertChoiceRouter), so logits at t depend on tokens <= t only: a causal held-out
+        loss, and cached decoding / generate work. No effect on other layers."""
+        return causal_routing(self, enabled)
 
     def _check_causal(self) -> None:
         if not self.is_causal:
             raise ValueError(
                 "moe_router='expert_choice' is not causal (an expert picks its tokens from the "
                 "whole sequence, future ones included), so it cannot decode with a cache or "
-                "generate; use moe_router='topk' for models that generate"
+                "generate; use moe_router='topk' for models that generate, or decode inside "
+                "`with model.causal_routing():` (token-choice routing over the same router)"
             )
 
     @torch.no_grad()

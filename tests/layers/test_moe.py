@@ -4,8 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hybridlm import HybridLM
 from hybridlm.config import ModelConfig
-from hybridlm.layers.moe import ExpertChoiceRouter, MoEMLP, TopKRouter, _within_capacity
+from hybridlm.layers.moe import (
+    ExpertChoiceRouter,
+    MoEMLP,
+    TopKRouter,
+    _within_capacity,
+    causal_routing,
+)
 
 H, E = 16, 4
 
@@ -468,3 +475,151 @@ def test_bad_arguments_raise():
         TopKRouter(H, 4, top_k=1, score="relu")
     with pytest.raises(ValueError, match="expected"):
         make_moe(moe_balance="aux_free").apply_balance(torch.ones(3))
+
+
+# --- 11. causal routing for expert choice -----------------------------------------------------
+def small_expert_choice_model(factor: float = 1.0, **overrides) -> HybridLM:
+    """Two layers of attention + expert choice, untied head; the routed experts' init is
+    widened so that routing visibly moves the logits."""
+    cfg = ModelConfig(
+        vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, num_experts=E, max_position_embeddings=64,
+        mlp_type="moe", moe_router="expert_choice", moe_capacity_factor=factor,
+        tie_word_embeddings=False, **overrides,
+    )
+    torch.manual_seed(0)
+    model = HybridLM(cfg)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MoEMLP):
+                for p in (*module.experts.parameters(), module.router.gate.weight):
+                    p.normal_(0.0, 0.3)
+    return model
+
+
+def with_future_changed(ids: torch.Tensor, t: int) -> torch.Tensor:
+    """ids (B, T) with every token from position t on replaced by a different one."""
+    changed = ids.clone()
+    changed[:, t:] = (ids[:, t:] + 1 + torch.randint(0, 59, ids[:, t:].shape)) % 61
+    return changed
+
+
+@torch.no_grad()
+def past_logits_change(model: HybridLM, ids: torch.Tensor, t: int) -> float:
+    """max |logits[:, :t]| change when the tokens from t on change."""
+    before = model(ids).logits[:, :t]
+    after = model(with_future_changed(ids, t)).logits[:, :t]
+    return float((before - after).abs().max())
+
+
+@torch.no_grad()
+def reference_token_choice_slots(mlp: MoEMLP, xr: torch.Tensor, k: int) -> list[tuple]:
+    """Each token's k best experts by score, weighted by the score itself, one at a time."""
+    logits = xr.float() @ mlp.router.gate.weight.float().T  # (N, E)
+    probs = logits.softmax(-1) if mlp.router.score == "softmax" else logits.sigmoid()
+    slots = []
+    for n in range(probs.shape[0]):
+        chosen = sorted(range(probs.shape[1]), key=lambda e: -float(probs[n, e]))[:k]
+        slots += [(n, e, probs[n, e]) for e in chosen]
+    return slots
+
+
+@pytest.mark.parametrize("factor, k", [(None, 1), (0.3, 1), (1.49, 1), (1.5, 2), (2.5, 3),
+                                       (10.0, E)])
+def test_causal_top_k_is_the_capacity_factor_rounded_half_up(factor, k):
+    assert ExpertChoiceRouter(H, E, factor).causal_top_k == k
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("factor", [None, 2.0, 3.0])
+def test_causal_routing_is_token_choice_over_the_same_scores(score, factor):
+    cfg = dict(moe_router="expert_choice", moe_score=score, moe_capacity_factor=factor,
+               moe_num_shared=1)
+    mlp = make_moe(**cfg)
+    x = torch.randn(3, 5, H)
+    flat = x.reshape(-1, H)
+    y_expert_choice, _ = mlp(x)
+    with causal_routing(mlp):
+        assert mlp.is_causal
+        y, stats = mlp(x)
+    assert not mlp.is_causal and not mlp.router.causal  # restored
+    k = mlp.router.causal_top_k
+    slots = reference_token_choice_slots(mlp, flat, k)
+    torch.testing.assert_close(y.reshape(-1, H), per_token_loop(mlp, flat, flat, slots),
+                               atol=1e-5, rtol=1e-5)
+    assert int(stats["expert_counts"].sum()) == 15 * k
+    assert (y - y_expert_choice).abs().max() > 0.1  # the two routings differ here
+    # a token's output is its own: the same token alone gives the same row
+    with causal_routing(mlp):
+        alone, _ = mlp(x[:1, 2:3])
+    torch.testing.assert_close(alone[0, 0], y[0, 2], atol=1e-5, rtol=1e-5)
+
+
+def test_causal_routing_restores_each_routers_setting_even_on_error():
+    model = small_expert_choice_model()
+    routers = [m for m in model.modules() if isinstance(m, ExpertChoiceRouter)]
+    routers[1].causal = True
+    with pytest.raises(RuntimeError), model.causal_routing():
+        assert all(r.causal for r in routers)
+        raise RuntimeError
+    assert [r.causal for r in routers] == [False, True]
+    with model.causal_routing(False):
+        assert not any(r.causal for r in routers) and not model.is_causal
+    assert [r.causal for r in routers] == [False, True]
+
+
+@pytest.mark.parametrize("mixer", ["A", "M"])
+def test_causal_routing_keeps_the_future_out_of_earlier_logits(mixer):
+    model = small_expert_choice_model(mixer_pattern=mixer, mamba_d_state=4,
+                                      mamba_chunk_size=8)
+    ids = torch.randint(0, 61, (2, 32))
+    t = 24
+    leak = past_logits_change(model.train(), ids, t)  # expert choice, as trained
+    with torch.no_grad():
+        scale = float(model(ids).logits.abs().max())
+    assert leak > 1e-3 * scale  # the default routing sees the future: the test has power
+    with model.causal_routing():
+        assert model.is_causal
+        causal_change = past_logits_change(model.eval(), ids, t)
+    assert causal_change < 1e-4 * leak, (causal_change, leak)
+
+
+@torch.no_grad()
+def cached_vs_full_gap(model: HybridLM, ids: torch.Tensor, prompt: int) -> float:
+    """max |logits| gap between one full forward and prefill(prompt) + one-token decodes."""
+    full = model(ids).logits  # (B, T, V)
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
+    steps = [model(ids[:, :prompt], cache=cache).logits]
+    for i in range(prompt, ids.shape[1]):
+        steps.append(model(ids[:, i:i + 1], cache=cache).logits)
+    return float((torch.cat(steps, dim=1) - full).abs().max())
+
+
+def test_causal_routing_lets_expert_choice_decode_with_a_cache():
+    model = small_expert_choice_model(factor=2.0).eval()
+    ids = torch.randint(0, 61, (2, 16))
+    with torch.no_grad():
+        expert_choice = model(ids).logits
+        with model.causal_routing():
+            routing_effect = float((model(ids).logits - expert_choice).abs().max())
+    assert routing_effect > 1e-2 * float(expert_choice.abs().max())
+    with model.causal_routing():
+        gap = cached_vs_full_gap(model, ids, prompt=5)
+        out = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False)
+    assert gap < 1e-4 * routing_effect, (gap, routing_effect)
+    assert out.shape == (2, 9)
+    with pytest.raises(ValueError, match="causal_routing"):  # outside the block: refused
+        model.generate(ids[:, :5], max_new_tokens=4)
+
+
+def test_cache_parity_notices_expert_choice_routing(monkeypatch):
+    """The breakage the parity test must catch: decoding with the expert-choice rule (one
+    token per step, so every expert takes it) instead of the causal one."""
+    model = small_expert_choice_model(factor=2.0).eval()
+    monkeypatch.setattr(MoEMLP, "is_causal", property(lambda self: True))
+    ids = torch.randint(0, 61, (2, 16))
+    with torch.no_grad():
+        with model.causal_routing():
+            token_choice = model(ids).logits
+        routing_effect = float((model(ids).logits - token_choice).abs().max())
+    assert cached_vs_full_gap(model, ids, prompt=5) > 1e-2 * routing_effect

@@ -12,7 +12,9 @@ Routers (config.moe_router):
                  capacity drops the overflow of busy experts, in training only, first
                  choices served before second choices.
   expert_choice  each expert picks its C best tokens (Zhou et al. 2022): balanced by
-                 construction, but NOT causal — a token's experts depend on the other tokens.
+                 construction, but NOT causal — a token's experts depend on the other tokens,
+                 later ones included. `causal_routing` switches it to token choice over the
+                 same scores, for a causal held-out loss and for generation.
 
 Balancing (config.moe_balance):
   aux_loss  Switch loss coef * E * sum_e f_e * P_e, returned in the stats for the model to add.
@@ -27,7 +29,9 @@ C capacity (slots one expert may take), M routed slots.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +113,17 @@ class ExpertChoiceRouter(nn.Module):
     several experts or by none (then only the shared experts and the residual see it).
     Returns slots token_idx (M,), expert_idx (M,), weights (M,) with M = E * C (exactly C per
     expert, grouped by expert) and probs (N, E) float32.
+
+    Not causal: whether expert e takes token t depends on how t ranks among all N tokens of
+    the batch, later ones included, so the output at t (and the training loss) sees the
+    future. Causal routing (`causal = True`, set by `causal_routing` / HybridLM.causal_routing,
+    which the trainer's held-out loss uses): the same scores route by token choice instead.
+    Every token takes its `causal_top_k` = clamp(floor(factor + 1/2), 1, E) best experts,
+    each slot weighted by its score as in expert choice (no renormalisation). Expert choice
+    fills E * C ~ N * factor slots, so a token gets `factor` experts on average; token choice
+    keeps that budget and the weight scale while a token's experts depend on the token alone.
+    Slots are then token-major (M = N * causal_top_k). It is an approximation of the trained
+    routing (there a token may get anywhere from 0 to E experts), not the same function.
     """
 
     def __init__(
@@ -122,6 +137,13 @@ class ExpertChoiceRouter(nn.Module):
         self.num_experts, self.score = num_experts, score
         self.capacity_factor = 1.0 if capacity_factor is None else capacity_factor
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.causal = False  # route by token choice (see the class docstring)
+
+    @property
+    def causal_top_k(self) -> int:
+        """Experts per token under causal routing: the capacity factor rounded half up, in
+        [1, E] (the average number of experts a token gets from expert choice)."""
+        return min(max(math.floor(self.capacity_factor + 0.5), 1), self.num_experts)
 
     def capacity(self, num_tokens: int) -> int:
         """C = ceil(N * capacity_factor / E), clamped to [1, N]."""
@@ -132,10 +154,38 @@ class ExpertChoiceRouter(nn.Module):
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         probs = _scores(_fp32_logits(x, self.gate.weight), self.score)  # (N, E)
+        if self.causal:
+            return (*self._token_choice_slots(probs), probs)
         c = self.capacity(x.shape[0])
         weights, token_idx = probs.t().topk(c, dim=-1)  # (E, C) each: expert e's best tokens
         expert_idx = torch.arange(self.num_experts, device=x.device).repeat_interleave(c)
         return token_idx.reshape(-1), expert_idx, weights.reshape(-1), probs
+
+    def _token_choice_slots(
+        self, probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, E) scores -> token_idx, expert_idx, weights (M,), M = N * causal_top_k:
+        each token's best experts at their scores, token-major."""
+        k = self.causal_top_k
+        weights, expert_ids = probs.topk(k, dim=-1)  # (N, k) each
+        token_idx = torch.arange(probs.shape[0], device=probs.device).repeat_interleave(k)
+        return token_idx, expert_ids.reshape(-1), weights.reshape(-1)
+
+
+@contextlib.contextmanager
+def causal_routing(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the block, every expert-choice router under `module` (a model, or one wrapped
+    by DDP/FSDP) routes causally by token choice (enabled=True) or by expert choice
+    (False); each router's previous setting is restored on exit."""
+    routers = [m for m in module.modules() if isinstance(m, ExpertChoiceRouter)]
+    previous = [router.causal for router in routers]
+    for router in routers:
+        router.causal = enabled
+    try:
+        yield
+    finally:
+        for router, was in zip(routers, previous, strict=True):
+            router.causal = was
 
 
 def _rank_within_expert(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -229,8 +279,9 @@ class MoEMLP(nn.Module):
 
     @property
     def is_causal(self) -> bool:
-        """False for expert choice: a token's experts depend on later tokens (no generation)."""
-        return not isinstance(self.router, ExpertChoiceRouter)
+        """False for expert choice (a token's experts depend on later tokens, so no
+        generation), unless its router is switched to causal routing."""
+        return not isinstance(self.router, ExpertChoiceRouter) or self.router.causal
 
     # --- forward ------------------------------------------------------------------------------
     def forward(

@@ -18,7 +18,11 @@ Required:
 
 Optional:
 
-``val_loss`` (float)      held-out loss (only on evaluation steps)
+``val_loss`` (float)      held-out next-token loss (only on evaluation steps); always causal:
+                          expert-choice layers are evaluated with token-choice routing
+``loss_causal`` (bool)    whether ``loss`` is a causal language-model loss: false with
+                          expert-choice layers, whose training routing sees later tokens, so
+                          their ``loss`` must not be compared with other models' (use val_loss)
 ``grad_norm`` (float)     gradient norm before clipping
 ``mfu`` (float)           model FLOPs utilization, 0..1
 ``skipped_steps`` (int)   steps skipped so far (e.g. non-finite loss)

@@ -62,7 +62,10 @@ def _line_plot(records: list[dict[str, Any]], key: str, title: str, ylabel: str,
 def _plot_loss(records: list[dict[str, Any]], path: Path, written: list[Path]) -> None:
     fig, axes = _new_figure()
     ax = axes[0, 0]
-    ax.plot(*_series(records, "loss"), label="train loss", color="tab:blue", alpha=0.8)
+    # Expert-choice training losses see later tokens: say so where they are compared.
+    causal = all(r.get("loss_causal", True) for r in records)
+    label = "train loss" if causal else "train loss (not causal: expert choice)"
+    ax.plot(*_series(records, "loss"), label=label, color="tab:blue", alpha=0.8)
     val_steps, val = _series(records, "val_loss")
     if val_steps:
         ax.plot(val_steps, val, "o-", label="held-out loss", color="tab:orange", markersize=3)

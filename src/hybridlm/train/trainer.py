@@ -18,6 +18,7 @@ import math
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from hybridlm.config import ModelConfig
 from hybridlm.data import WindowSampler, iter_eval_windows, load_prepared
+from hybridlm.layers.moe import causal_routing
 from hybridlm.model import HybridLM, count_targets
 from hybridlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hybridlm.train.config import TrainConfig
@@ -50,6 +52,8 @@ class TrainResult:
     skipped_steps: int
     stopped: str  # "finished" | "signal" | "time" | "non-finite"
     out: str
+    # False with expert-choice layers: train_loss sees later tokens; val_loss is always causal.
+    train_loss_causal: bool = True
 
 
 class NonFiniteError(RuntimeError):
@@ -78,21 +82,47 @@ def build_model(cfg: TrainConfig, vocab_size: int, token_counts) -> HybridLM:
     return model
 
 
+class NonCausalLossWarning(UserWarning):
+    """The run's training loss is not a causal language-model loss (expert-choice routing)."""
+
+
+def warn_if_training_loss_not_causal(model: HybridLM, has_validation: bool) -> None:
+    """Say, when a run starts, that expert-choice layers make the training loss see the
+    future, and which loss is causal instead."""
+    if model.is_causal:
+        return
+    held_out = (
+        "val_loss routes those layers causally (each token takes its round(capacity_factor) "
+        "best experts of the same router) and is the loss to compare with other models"
+        if has_validation else "this run has no validation split, so it reports no causal loss"
+    )
+    warnings.warn(
+        "moe_router='expert_choice': an expert picks its tokens from the whole batch, later "
+        "ones included, so the training loss ('loss' in metrics.jsonl, marked loss_causal="
+        f"false) is not a causal language-model loss; {held_out}",
+        NonCausalLossWarning, stacklevel=2,
+    )
+
+
 @torch.no_grad()
 def evaluate(model, tokens, seq_len: int, batch_size: int, max_batches: int,
-             device: torch.device, autocast) -> float:
-    """Mean next-token loss (nats/token) over contiguous windows of `seq_len` tokens of a
-    held-out split (consecutive windows share one token: each token is predicted once)."""
+             device: torch.device, autocast=None) -> float:
+    """Mean next-token loss (nats/token, no aux losses) over contiguous windows of `seq_len`
+    tokens of a held-out split (consecutive windows share one token: each token is predicted
+    once). Causal: expert-choice layers route by token choice here (`causal_routing`), so no
+    prediction sees a later token and the loss does not depend on the batch it is in."""
     was_training = model.training
     model.eval()
+    autocast = autocast or contextlib.nullcontext()
     total, count = 0.0, 0
-    for window in iter_eval_windows(tokens, seq_len - 1, batch_size, max_batches):
-        window = window.to(device)
-        with autocast:
-            loss = model(window, labels=window).loss
-        n = window.shape[0] * (window.shape[1] - 1)
-        total += loss.item() * n
-        count += n
+    with causal_routing(model):
+        for window in iter_eval_windows(tokens, seq_len - 1, batch_size, max_batches):
+            window = window.to(device)
+            with autocast:
+                loss = model(window, labels=window).aux["lm_loss"]
+            n = window.shape[0] * (window.shape[1] - 1)
+            total += loss.item() * n
+            count += n
     model.train(was_training)
     return total / count
 
@@ -294,6 +324,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> TrainResult:
         cfg.save(out / CONFIG_FILE)
     model = model.to(device).train()
     plain: HybridLM = model
+    loss_causal = plain.is_causal  # recorded with every step: see warn_if_training_loss_not_causal
+    if ctx.is_main:
+        warn_if_training_loss_not_causal(plain, inputs.val_tokens is not None)
     if cfg.compile:
         for block in model.layers:
             block.compile()
@@ -351,7 +384,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> TrainResult:
             record = {"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                       "tokens_per_s": tokens_per_s, "grad_norm": grad_norm,
                       "step_seconds": time.perf_counter() - step_start,
-                      "skipped_steps": state["skipped_steps"], **_router_stats(aux)}
+                      "skipped_steps": state["skipped_steps"], "loss_causal": loss_causal,
+                      **_router_stats(aux)}
             if peak is not None:
                 record["mfu"] = tokens_per_s * flops_per_token / (peak * ctx.world_size)
             if val_tokens is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
@@ -392,4 +426,5 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> TrainResult:
         steps=done_steps, train_loss=loss_value, val_loss=val_loss, seconds=seconds,
         tokens_per_s=tokens_per_step * max(0, done_steps - start_step) / max(seconds, 1e-9),
         skipped_steps=state["skipped_steps"], stopped=stopped, out=str(out),
+        train_loss_causal=loss_causal,
     )
