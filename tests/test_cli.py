@@ -17,13 +17,21 @@ def test_tokenizer_prepare_train_generate(tmp_path, capsys):
     assert (tmp_path / "tok" / "tokenizer.json").is_file()
     assert main(["data", "prepare", "--input", str(corpus), "--tokenizer", str(tmp_path / "tok"),
                  "--out", str(tmp_path / "data")]) == 0
-    assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "data"), "--steps", "3",
-                 "--batch-size", "2", "--seq-len", "32", "--eval-every", "3",
-                 "--eval-batches", "1", "--out", str(tmp_path / "run"),
-                 "--set", "model.hidden_size=32", "--set", "model.num_hidden_layers=1",
-                 "--set", "model.intermediate_size=64", "--set", "model.routing=zipf",
-                 "--set", "progress=false"]) == 0
+    train = ["train", "--preset", "tiny", "--data", str(tmp_path / "data"),
+             "--batch-size", "2", "--seq-len", "32", "--eval-every", "3",
+             "--eval-batches", "1", "--out", str(tmp_path / "run"),
+             "--set", "model.hidden_size=32", "--set", "model.num_hidden_layers=1",
+             "--set", "model.intermediate_size=64", "--set", "model.routing=zipf",
+             "--set", "progress=false"]
+    assert main([*train, "--steps", "3"]) == 0
     capsys.readouterr()
+    # resuming a finished run, or into a new length without --reschedule, is refused
+    assert main([*train, "--steps", "3", "--resume"]) == 2
+    assert "steps=3 is at or below the checkpoint's step 3" in capsys.readouterr().err
+    assert main([*train, "--steps", "4", "--resume"]) == 2
+    assert "steps 3 -> 4 changes the cosine learning rate" in capsys.readouterr().err
+    assert main([*train, "--steps", "4", "--resume", "--reschedule"]) == 0
+    assert "[resume] rescheduled: steps 3 -> 4" in capsys.readouterr().out
     assert main(["generate", "--model", str(tmp_path / "run"), "--prompt", "The Congress",
                  "--max-new-tokens", "5", "--greedy"]) == 0
     text = capsys.readouterr().out

@@ -59,6 +59,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=field, type=kind, default=None)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile blocks")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--reschedule", action="store_true",
+                   help="with --resume: accept a new --steps, which changes the learning rate "
+                        "of the remaining steps (the new schedule is printed)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a field; model.FIELD=VALUE overrides the model config")
 
@@ -69,7 +72,7 @@ def run_train_command(args: argparse.Namespace) -> None:
     overrides = {field: getattr(args, field) for field, _ in TRAIN_FLAGS.values()}
     overrides["compile"] = args.compile
     cfg = load_train_config(args.config, overrides, args.set)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, reschedule=args.reschedule)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         print(json.dumps(vars(result)))
 
@@ -80,7 +83,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
     overrides = {field: getattr(args, field) for field, _ in TRAIN_FLAGS.values()}
     overrides.update(task="sft", init_from=args.model, compile=args.compile)
     cfg = load_train_config(args.config, overrides, args.set)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, reschedule=args.reschedule)
     print(json.dumps(vars(result)))
 
 

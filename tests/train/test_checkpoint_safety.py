@@ -76,7 +76,8 @@ def test_sigterm_checkpoints_and_stops_cleanly_then_resumes(prepared_dir, tmp_pa
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["stopped"] == "signal" and 3 <= result["steps"] < 120
     assert latest_checkpoint(out).name == f"step_{result['steps']:08d}"
-    resume_cmd = [("123" if arg == "120" else arg) for arg in cmd] + ["--resume"]
+    resume_cmd = [("123" if arg == "120" else arg) for arg in cmd] + ["--resume",
+                                                                      "--reschedule"]
     resumed = subprocess.run(resume_cmd, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in metrics.open()]

@@ -1,6 +1,8 @@
 import itertools
 import json
 import math
+import re
+import signal
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from hybridlm import HybridLM, zipf_routing_table
 from hybridlm.data import Tokenizer, load_prepared, unigram_loss
 from hybridlm.train import TrainConfig, load_train_config, train
+from hybridlm.train.metrics import MetricsLogger
 from hybridlm.train.optim import param_groups
 from hybridlm.train.schedule import warm_restarts, warmup_cosine, warmup_stable_decay
 
@@ -80,19 +83,87 @@ def test_tiny_model_loss_falls_on_the_demo_corpus(prepared_dir, tmp_path):
     assert list((tmp_path / "run" / "tensorboard").iterdir())
 
 
-def test_resume_reproduces_the_uninterrupted_loss_sequence(prepared_dir, tmp_path):
-    kw = dict(steps=8, checkpoint_every=4, eval_every=4, model={**SMALL, "mlp_type": "moe",
-              "moe_balance": "aux_free"})
+def stop_after(monkeypatch, step: int) -> None:
+    """Make the next run stop after `step` as a scheduler's SIGTERM would: it checkpoints
+    and ends with its schedule (`steps`) unchanged, ready to resume."""
+    log = MetricsLogger.log
+
+    def log_then_signal(self, record):
+        log(self, record)
+        if record["step"] == step:
+            signal.raise_signal(signal.SIGTERM)  # the trainer's own handler catches it
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_signal)
+
+
+def cosine_lr(step: int, peak: float, warmup: int, steps: int, floor: float = 0.1) -> float:
+    """The LR of metrics step `step` (from 1) after the warmup, written out independently."""
+    progress = (step - 1 - warmup) / (steps - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# A warmup shorter than the first leg: the resumed steps decay, so a schedule that moved with
+# the resume would show in their LRs.
+RESUME = dict(steps=8, warmup_steps=2, checkpoint_every=4, eval_every=4)
+
+
+def test_resume_reproduces_the_uninterrupted_run(prepared_dir, tmp_path, monkeypatch):
+    kw = dict(RESUME, model={**SMALL, "mlp_type": "moe", "moe_balance": "aux_free"})
     train(run_config(prepared_dir, tmp_path / "straight", **kw))
-    train(run_config(prepared_dir, tmp_path / "split", **{**kw, "steps": 4}))
-    assert (tmp_path / "split" / "checkpoints" / "step_00000004").is_dir()
+    with monkeypatch.context() as patch:
+        stop_after(patch, 4)
+        first_leg = train(run_config(prepared_dir, tmp_path / "split", **kw))
+    assert (first_leg.stopped, first_leg.steps) == ("signal", 4)
     train(run_config(prepared_dir, tmp_path / "split", **kw), resume=True)
-    straight = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "straight")]
-    split = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "split")]
-    assert straight == split  # exactly the same losses, no step repeated or lost
+    straight = [(r["step"], r["lr"], r["loss"]) for r in read_metrics(tmp_path / "straight")]
+    split = [(r["step"], r["lr"], r["loss"]) for r in read_metrics(tmp_path / "split")]
+    assert straight == split  # exactly the same LRs and losses, no step repeated or lost
+    lrs = [lr for _, lr, _ in straight]
+    assert all(a > b for a, b in itertools.pairwise(lrs[2:]))  # steps 3-8 decay
     a = HybridLM.from_pretrained(tmp_path / "straight").state_dict()
     b = HybridLM.from_pretrained(tmp_path / "split").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_new_length_unless_rescheduled(prepared_dir, tmp_path, monkeypatch,
+                                                        capsys):
+    run = tmp_path / "r"
+    with monkeypatch.context() as patch:
+        stop_after(patch, 4)
+        train(run_config(prepared_dir, run, **RESUME))
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"steps 8 -> 12 changes the cosine learning rate of "
+                                         r"the remaining steps from steps 5-8 at .* to steps "
+                                         r"5-12 at .*pass --reschedule") as refused:
+        train(run_config(prepared_dir, run, **{**RESUME, "steps": 12}), resume=True)
+    with pytest.raises(ValueError, match="steps=4 is at or below the checkpoint's step 4"):
+        train(run_config(prepared_dir, run, **{**RESUME, "steps": 4}), resume=True)
+    assert (run / "metrics.jsonl").read_text() == before  # refused before writing anything
+    old = str(refused.value).split(" from ")[1].split(" to ")[0]
+    for value, step in re.findall(r"(\S+) at step (\d+)", old):  # what the 8 steps would be
+        assert float(value) == pytest.approx(cosine_lr(int(step), 3e-3, 2, 8), rel=1e-2)
+
+    capsys.readouterr()
+    train(run_config(prepared_dir, run, **{**RESUME, "steps": 12}), resume=True,
+          reschedule=True)
+    printed = capsys.readouterr().out
+    assert "[resume] rescheduled: steps 8 -> 12" in printed
+    lr = {r["step"]: r["lr"] for r in read_metrics(run)}
+    assert sorted(lr) == list(range(1, 13))
+    assert [lr[s] for s in range(1, 5)] == [json.loads(line)["lr"] for line in
+                                            before.splitlines()]  # the first leg kept its LRs
+    for step in range(5, 13):  # the remaining steps follow the new 12-step schedule...
+        assert lr[step] == pytest.approx(cosine_lr(step, 3e-3, 2, 12), rel=1e-9)
+    new = printed.split(" to ")[1]
+    points = re.findall(r"(\S+) at step (\d+)", new)
+    assert [int(s) for _, s in points] == [5, 8, 12]
+    for value, step in points:  # ...as printed
+        assert lr[int(step)] == pytest.approx(float(value), rel=1e-2)
+    # the new length is the saved one now: resuming the finished run has nothing to train
+    with pytest.raises(ValueError, match="steps=12 is at or below the checkpoint's step 12"):
+        train(run_config(prepared_dir, run, **{**RESUME, "steps": 12}), resume=True)
+    with pytest.raises(ValueError, match="--reschedule only applies with --resume"):
+        train(run_config(prepared_dir, tmp_path / "new", **RESUME), reschedule=True)
 
 
 def test_resume_refuses_a_config_that_differs_where_it_matters(prepared_dir, tmp_path):
@@ -100,8 +171,9 @@ def test_resume_refuses_a_config_that_differs_where_it_matters(prepared_dir, tmp
     with pytest.raises(ValueError, match=r"lr: 0.003 -> 0.01.*seq_len: 64 -> 32"):
         train(run_config(prepared_dir, tmp_path / "r", steps=4, lr=1e-2, seq_len=32),
               resume=True)
-    # a field that does not matter (eval cadence, length of the run) may change
-    train(run_config(prepared_dir, tmp_path / "r", steps=3, eval_every=1), resume=True)
+    # a field that does not matter (eval cadence) may change; the length with reschedule
+    train(run_config(prepared_dir, tmp_path / "r", steps=3, eval_every=1), resume=True,
+          reschedule=True)
 
 
 def test_a_new_run_never_overwrites_an_existing_one(prepared_dir, tmp_path):

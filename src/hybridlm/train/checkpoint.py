@@ -44,6 +44,15 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The number of optimizer steps done when a checkpoint (RUN/checkpoints/step_N) was
+    written."""
+    match = _STEP_DIR.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint directory (step_NNNNNNNN)")
+    return int(match.group(1))
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

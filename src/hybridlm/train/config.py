@@ -23,7 +23,9 @@ TASKS = ("pretrain", "sft")
 PARALLEL = ("none", "ddp", "fsdp")
 
 # Fields a resumed run may change: where and how often things are written, the hardware
-# layout (world size and micro-batch, as long as the global batch is the same), the length.
+# layout (world size and micro-batch, as long as the global batch is the same), the length
+# (`steps`, which every LR schedule depends on: the trainer refuses a change unless asked to
+# reschedule).
 RESUMABLE_CHANGES = frozenset({
     "out", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every",
     "device", "max_minutes", "compile", "parallel", "micro_batch_size", "steps", "progress",

@@ -55,3 +55,11 @@ def lr_multiplier(step: int, cfg) -> float:
         return warm_restarts(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio,
                              cfg.restart_steps)
     return warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+
+
+def describe_lrs(cfg, first: int, last: int) -> str:
+    """The learning rates of steps first..last (counted from 1, as in metrics.jsonl, whose
+    step s ran at multiplier(s - 1)) at their start, middle and end:
+    '3.00e-03 at step 5, 1.65e-03 at step 7, 3.00e-04 at step 8'."""
+    points = dict.fromkeys((first, (first + last) // 2, last))  # ordered, no repeats
+    return ", ".join(f"{cfg.lr * lr_multiplier(s - 1, cfg):.2e} at step {s}" for s in points)

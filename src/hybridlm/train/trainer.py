@@ -30,12 +30,17 @@ from hybridlm.config import ModelConfig
 from hybridlm.data import WindowSampler, iter_eval_windows, load_prepared
 from hybridlm.layers.moe import causal_routing
 from hybridlm.model import HybridLM, count_targets
-from hybridlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hybridlm.train.checkpoint import (
+    checkpoint_step,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from hybridlm.train.config import TrainConfig
 from hybridlm.train.distributed import DistContext, init_distributed, shutdown, wrap
 from hybridlm.train.metrics import MetricsLogger
 from hybridlm.train.optim import build_optimizer
-from hybridlm.train.schedule import lr_multiplier
+from hybridlm.train.schedule import describe_lrs, lr_multiplier
 from hybridlm.train.sft_data import CHAT_TEMPLATE_FILE
 
 CONFIG_FILE = "train_config.json"
@@ -270,8 +275,34 @@ def _sft_inputs(cfg: TrainConfig) -> RunInputs:
                      template)
 
 
-def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext) -> RunInputs:
-    """Every check that can fail happens here, before anything is written to the run dir."""
+def check_resumed_length(cfg: TrainConfig, saved: TrainConfig, done: int,
+                         reschedule: bool) -> str | None:
+    """Refuse to resume a run that has `done` steps into nothing left to train, or into a new
+    length unless `reschedule`: every LR schedule depends on `steps`, so a new length silently
+    changes the learning rate of the steps still to come. Returns the change accepted by
+    `reschedule` (None when the length is unchanged)."""
+    if cfg.steps <= done:
+        raise ValueError(
+            f"--resume: steps={cfg.steps} is at or below the checkpoint's step {done}: nothing "
+            f"left to train (to go on, pass steps > {done} with --reschedule)"
+        )
+    if cfg.steps == saved.steps:
+        return None
+    old = (f"steps {done + 1}-{saved.steps} at {describe_lrs(saved, done + 1, saved.steps)}"
+           if saved.steps > done else f"none (the saved schedule ended at step {saved.steps})")
+    new = f"steps {done + 1}-{cfg.steps} at {describe_lrs(cfg, done + 1, cfg.steps)}"
+    change = (f"steps {saved.steps} -> {cfg.steps} changes the {cfg.schedule} learning rate "
+              f"of the remaining steps from {old} to {new}")
+    if not reschedule:
+        raise ValueError(f"--resume: {change}; pass --reschedule to accept the new schedule, "
+                         f"or resume with steps={saved.steps}")
+    return change
+
+
+def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext,
+                reschedule: bool = False) -> RunInputs:
+    """Every check that can fail happens here, before anything is written to the run dir.
+    `reschedule`: a resumed run may change `steps` (and with it the LR schedule)."""
     cfg.validate()
     cfg.accumulation_steps(ctx.world_size)
     inputs = _sft_inputs(cfg) if cfg.task == "sft" else _pretrain_inputs(cfg)
@@ -286,12 +317,18 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext) -> RunInputs:
             raise ValueError(f"--resume: {out} holds no checkpoint to resume from")
         from hybridlm.train.config import load_train_config
 
-        diffs = cfg.differences(load_train_config(out / CONFIG_FILE))
+        saved = load_train_config(out / CONFIG_FILE)
+        diffs = cfg.differences(saved)
         if diffs:
             raise ValueError(
                 f"--resume: the config differs from the saved run in fields that matter: {diffs}"
             )
+        change = check_resumed_length(cfg, saved, checkpoint_step(checkpoint), reschedule)
+        if change is not None and ctx.is_main:
+            print(f"[resume] rescheduled: {change}")
         inputs.checkpoint = checkpoint
+    elif reschedule:
+        raise ValueError("--reschedule only applies with --resume")
     elif checkpoint is not None:
         raise ValueError(
             f"{out} already holds checkpoints ({checkpoint.name}); pass --resume to continue "
@@ -305,17 +342,19 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext) -> RunInputs:
     return inputs
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """Run (or resume) a pre-training (task='pretrain') or fine-tuning (task='sft') run."""
+def train(cfg: TrainConfig, *, resume: bool = False, reschedule: bool = False) -> TrainResult:
+    """Run (or resume) a pre-training (task='pretrain') or fine-tuning (task='sft') run.
+    A resumed run keeps its `steps` (the LR schedule depends on it) unless `reschedule`."""
     ctx = init_distributed(cfg.parallel)
     try:
-        return _train(cfg, ctx, resume)
+        return _train(cfg, ctx, resume, reschedule)
     finally:
         shutdown()
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, resume: bool) -> TrainResult:
-    inputs = prepare_run(cfg, resume, ctx)
+def _train(cfg: TrainConfig, ctx: DistContext, resume: bool,
+           reschedule: bool = False) -> TrainResult:
+    inputs = prepare_run(cfg, resume, ctx, reschedule)
     model, batches, checkpoint = inputs.model, inputs.batches, inputs.checkpoint
     device = resolve_device(cfg.device, ctx)
     out = Path(cfg.out)
