@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny model configs, the demo corpus, a small tokenizer, prepared data."""
+"""Shared fixtures: tiny model configs, history-dependent models and the cache breakages they
+must expose, the demo corpus, a small tokenizer, prepared data."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,10 @@ import torch
 
 from hybridlm import HybridLM, ModelConfig
 from hybridlm.data import DEMO_CORPUS, Document, Tokenizer, load_documents, split_documents
+from hybridlm.layers.attention import KVCache
+from hybridlm.layers.block import Block
+from hybridlm.layers.mamba import Mamba
+from hybridlm.layers.mla import MLACache
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -28,6 +35,88 @@ def make_model():
         return HybridLM(tiny_config(**overrides)).eval()
 
     return build
+
+
+# At the default init (std 0.02, tied embeddings) a tiny model's logits barely depend on
+# anything but the last token: greedy decoding repeats it, and a cache that loses the history
+# changes nothing visible. Untied embeddings and a 15 times wider init make every mixer's
+# history move the logits by several units (a cache bug then shows as an error of ~3-10
+# against a float parity error of ~1e-5), and greedy continuations varied.
+HISTORY_INIT_STD = 0.3
+
+
+@pytest.fixture
+def make_history_model():
+    """Builder of models whose outputs depend on the whole history: give a ModelConfig, or
+    overrides of `tiny_config`. The tests that use it check that greedy output is varied and
+    that each cache breakage (`break_cache`) is visible, so the fixture cannot silently fade."""
+
+    def build(config: ModelConfig | None = None, seed: int = 0, **overrides) -> HybridLM:
+        config = config if config is not None else tiny_config(**overrides)
+        config = dataclasses.replace(
+            config, tie_word_embeddings=False, initializer_range=HISTORY_INIT_STD
+        )
+        torch.manual_seed(seed)
+        return HybridLM(config).eval()
+
+    return build
+
+
+def _returns_only_new_entries(append: Callable) -> Callable:
+    """A cache `append` that stores as usual but hands back only the entries just written, so
+    the new tokens attend to themselves alone: a cache that forgets its history."""
+
+    def forgetful(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        append(self, *new)
+        return new
+
+    return forgetful
+
+
+def _drops_mamba_state(field: str) -> Callable:
+    """Mamba.forward that zeroes the cache's `field` (conv_state or ssm_state) before each call."""
+    forward = Mamba.forward
+
+    def forgetful(self, x: torch.Tensor, *, cache=None, **kwargs) -> torch.Tensor:
+        if cache is not None:
+            getattr(cache, field).zero_()
+        return forward(self, x, cache=cache, **kwargs)
+
+    return forgetful
+
+
+def _restarts_positions() -> Callable:
+    """Block.forward that numbers a cached call's tokens from 0, as if HybridLM.forward took
+    `start = 0` instead of the cache length."""
+    forward = Block.forward
+
+    def restarted(self, h: torch.Tensor, *, positions: torch.Tensor, cache=None, **kwargs):
+        if cache is not None:
+            positions = positions - positions[..., :1]
+        return forward(self, h, positions=positions, cache=cache, **kwargs)
+
+    return restarted
+
+
+# name -> (class, attribute, replacement): the ways a cache can lose the history.
+CACHE_BREAKAGES: dict[str, tuple[type, str, Callable[[], Callable]]] = {
+    "kv_cache_forgets": (KVCache, "append", lambda: _returns_only_new_entries(KVCache.append)),
+    "mla_cache_forgets": (MLACache, "append", lambda: _returns_only_new_entries(MLACache.append)),
+    "mamba_ssm_state_dropped": (Mamba, "forward", lambda: _drops_mamba_state("ssm_state")),
+    "mamba_conv_state_dropped": (Mamba, "forward", lambda: _drops_mamba_state("conv_state")),
+    "positions_restart_at_0": (Block, "forward", _restarts_positions),
+}
+
+
+@pytest.fixture
+def break_cache(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """break_cache(name) applies one of CACHE_BREAKAGES until the test ends."""
+
+    def apply(name: str) -> None:
+        owner, attribute, make = CACHE_BREAKAGES[name]
+        monkeypatch.setattr(owner, attribute, make())
+
+    return apply
 
 
 @pytest.fixture(scope="session")

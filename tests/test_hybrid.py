@@ -53,29 +53,77 @@ STACKS = [
 ]
 
 
-@pytest.mark.parametrize("stack", STACKS, ids=lambda s: str(sorted(s.items())))
-def test_cached_greedy_equals_step_by_step_full_forwards(stack):
-    torch.manual_seed(0)
-    model = HybridLM(small(**stack)).eval()
-    prompt = torch.randint(0, 61, (2, 5))
-    cached = model.generate(prompt, max_new_tokens=10, do_sample=False)
+PARITY_ATOL = 1e-4  # cached vs full logits; measured float error <= 1e-5 at logit scale ~6
+MIXED = dict(mixer_pattern="AMLM", num_hidden_layers=4, mlp_type="moe")
+CHUNKS = (4, 1, 3, 1, 2)  # a prefill, single decode steps and multi-token continuations
+
+
+def greedy_by_full_forwards(model: HybridLM, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """The greedy continuation recomputed from scratch at every step (no cache): (B, T0+steps)."""
     seq = prompt
-    for _ in range(10):
+    for _ in range(steps):
         seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(cached, seq)
+    return seq
 
 
-def test_mixed_stack_cached_logits_match_full_forward():
-    torch.manual_seed(0)
-    model = HybridLM(small(mixer_pattern="AMLM", num_hidden_layers=4, mlp_type="moe")).eval()
-    ids = torch.randint(0, 61, (2, 11))
-    full = model(ids).logits
-    cache = model.new_cache(2, 11)
+def cached_logits(model: HybridLM, ids: torch.Tensor, chunks=CHUNKS) -> torch.Tensor:
+    """Logits (B, sum(chunks), V) of ids fed through one cache, chunk after chunk."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
     parts, start = [], 0
-    for n in (4, 1, 3, 1, 2):
+    for n in chunks:
         parts.append(model(ids[:, start:start + n], cache=cache).logits)
         start += n
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+    return torch.cat(parts, 1)
+
+
+def random_ids(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 61, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("stack", STACKS, ids=lambda s: str(sorted(s.items())))
+def test_cached_greedy_equals_step_by_step_full_forwards(make_history_model, stack):
+    model = make_history_model(small(**stack))
+    prompt = random_ids((2, 5))
+    cached = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(cached, greedy_by_full_forwards(model, prompt, 10))
+    # a continuation of one repeated token would match whatever the cache held
+    assert min(len(set(row.tolist())) for row in cached[:, 5:]) >= 4, cached
+
+
+@pytest.mark.parametrize("absorb", [False, True], ids=["plain", "absorbed"])
+def test_mixed_stack_cached_logits_match_full_forward(make_history_model, absorb):
+    model = make_history_model(small(**MIXED, mla_absorb=absorb))
+    ids = random_ids((2, sum(CHUNKS)))
+    with torch.no_grad():
+        full = model(ids).logits
+        torch.testing.assert_close(cached_logits(model, ids), full, atol=PARITY_ATOL, rtol=0)
+        # the tolerance is tiny next to what the history contributes: each token alone
+        # gives logits several units away
+        alone = model(ids.reshape(-1, 1)).logits.view_as(full)
+    assert (alone - full)[:, 1:].abs().amax() > 1000 * PARITY_ATOL
+
+
+@pytest.mark.parametrize("breakage, stack", [
+    pytest.param("kv_cache_forgets", MIXED, id="kv_cache_forgets"),
+    pytest.param("mla_cache_forgets", MIXED, id="mla_cache_forgets"),
+    pytest.param("mla_cache_forgets", {**MIXED, "mla_absorb": True},
+                 id="absorbed_mla_cache_forgets"),
+    pytest.param("mamba_ssm_state_dropped", MIXED, id="mamba_ssm_state_dropped"),
+    pytest.param("mamba_conv_state_dropped", MIXED, id="mamba_conv_state_dropped"),
+    pytest.param("positions_restart_at_0", MIXED, id="positions_restart_at_0"),
+    pytest.param("positions_restart_at_0", dict(mixer_pattern="L"),  # MLA's RoPE key alone
+                 id="mla_positions_restart_at_0"),
+])
+def test_a_cache_that_loses_the_history_fails_the_logit_parity(
+    make_history_model, break_cache, breakage, stack
+):
+    model = make_history_model(small(**stack))
+    ids = random_ids((2, sum(CHUNKS)))
+    with torch.no_grad():
+        full = model(ids).logits  # no cache: unaffected by the breakage
+        break_cache(breakage)
+        error = (cached_logits(model, ids) - full).abs().amax()
+    assert error > 100 * PARITY_ATOL, f"{breakage}: cached logits off by only {error:.2e}"
 
 
 def test_mu_flows_between_attention_layers_across_mamba_layers():

@@ -48,20 +48,41 @@ def test_gqa_shares_each_kv_head_across_its_query_group():
     torch.testing.assert_close(attn(x, positions=pos), expected, atol=1e-5, rtol=1e-5)
 
 
+PARITY_TOL = 1e-5  # atol = rtol of cached vs full outputs (measured error ~1e-7)
+
+
+def decode_in_chunks(attn, x, mu, chunks):
+    """Outputs (B, sum(chunks), H) of x fed through one KV cache, chunk after chunk."""
+    cache = attn.new_cache(x.shape[0], 16, x.device, x.dtype)
+    outs, start = [], 0
+    for n in chunks:
+        sl = slice(start, start + n)
+        outs.append(attn(x[:, sl], positions=torch.arange(start, start + n), cache=cache,
+                         mu_prev=mu[:, sl]))
+        start += n
+    return torch.cat(outs, 1)
+
+
 def test_cached_decode_matches_full_forward_token_by_token_and_in_chunks():
     torch.manual_seed(0)
     attn = Attention(32, 4, 2, 10000.0, use_qk_norm=True, use_mu=True)
     x, mu = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
     full = attn(x, positions=torch.arange(9), mu_prev=mu)
     for chunks in ([1] * 9, [4, 1, 3, 1]):
-        cache = attn.new_cache(2, 16, x.device, x.dtype)
-        outs, start = [], 0
-        for n in chunks:
-            sl = slice(start, start + n)
-            outs.append(attn(x[:, sl], positions=torch.arange(start, start + n), cache=cache,
-                             mu_prev=mu[:, sl]))
-            start += n
-        torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+        out = decode_in_chunks(attn, x, mu, chunks)
+        torch.testing.assert_close(out, full, atol=PARITY_TOL, rtol=PARITY_TOL)
+
+
+def test_a_cache_that_forgets_the_history_fails_the_parity(break_cache):
+    torch.manual_seed(0)
+    attn = Attention(32, 4, 2, 10000.0, use_qk_norm=True, use_mu=True)
+    x, mu = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+    with torch.no_grad():
+        full = attn(x, positions=torch.arange(9), mu_prev=mu)
+        break_cache("kv_cache_forgets")
+        for chunks in ([1] * 9, [4, 1, 3, 1]):
+            error = (decode_in_chunks(attn, x, mu, chunks) - full).abs().amax()
+            assert error > 1000 * PARITY_TOL * max(1.0, float(full.abs().amax())), chunks
 
 
 def test_mu_is_one_fused_projection_of_x_and_mu():

@@ -38,24 +38,61 @@ def run_in_pieces(mamba: Mamba, x: torch.Tensor, sizes: list[int]) -> torch.Tens
     return torch.cat(outs, dim=1)
 
 
+def make_stateful_mamba(seed: int = 0) -> Mamba:
+    """A Mamba whose output depends strongly on its recurrent state, for the cache tests.
+
+    At init the skip D * x dominates and the state adds ~0.2% of the output, too little for a
+    parity test to notice a cache that drops it. Here D = 0 (the output passes through the
+    state alone), steps of 0.05-0.2 (the state remembers ~10 tokens) and B, C scaled x5,
+    out_proj x20 (outputs of order 1): dropping the SSM or the conv state then moves the
+    output by ~0.3-1, against a float32 parity error of ~5e-7."""
+    mamba = make_mamba(seed)
+    with torch.no_grad():
+        steps = torch.empty(mamba.inner).uniform_(0.05, 0.2)  # (Din,)
+        mamba.dt_proj.bias.copy_(steps + torch.log(-torch.expm1(-steps)))  # inverse softplus
+        mamba.x_proj.weight[mamba.dt_rank :].mul_(5.0)  # the B and C rows
+        mamba.out_proj.weight.mul_(20.0)
+        mamba.D.zero_()
+    return mamba
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # atol = rtol of the cache parity;
+# measured errors: ~5e-7 (fp32), 0 to a few bf16 ulps (~2e-3 at outputs ~0.5)
+
+
 @pytest.mark.parametrize("sizes", [[1] * 9, [4, 1, 3, 1], [9]], ids=["tokens", "mixed", "one"])
 def test_cached_decoding_equals_full_forward(sizes: list[int]):
-    mamba = make_mamba()
-    x = torch.randn(2, 9, HIDDEN)
+    mamba = make_stateful_mamba()
+    x = torch.randn(2, 9, HIDDEN, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = mamba(x, positions=torch.arange(9))
         pieces = run_in_pieces(mamba, x, sizes)
-    torch.testing.assert_close(pieces, full, atol=1e-5, rtol=1e-5)
+    tol = TOLERANCE[torch.float32]
+    torch.testing.assert_close(pieces, full, atol=tol, rtol=tol)
 
 
 def test_cached_decoding_in_bf16_stays_close_to_full_forward():
-    mamba = make_mamba().to(torch.bfloat16)
-    x = torch.randn(2, 9, HIDDEN, dtype=torch.bfloat16)
+    mamba = make_stateful_mamba().to(torch.bfloat16)
+    x = torch.randn(2, 9, HIDDEN, generator=torch.Generator().manual_seed(1)).bfloat16()
     with torch.no_grad():
         full = mamba(x, positions=torch.arange(9))
         pieces = run_in_pieces(mamba, x, [4, 1, 3, 1])
     assert full.dtype == pieces.dtype == torch.bfloat16
-    torch.testing.assert_close(pieces.float(), full.float(), atol=2e-2, rtol=2e-2)
+    tol = TOLERANCE[torch.bfloat16]
+    torch.testing.assert_close(pieces.float(), full.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("breakage", ["mamba_ssm_state_dropped", "mamba_conv_state_dropped"])
+def test_a_cache_that_drops_a_state_fails_the_parity(break_cache, breakage, dtype):
+    mamba = make_stateful_mamba().to(dtype)
+    x = torch.randn(2, 9, HIDDEN, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        full = mamba(x, positions=torch.arange(9)).float()
+        break_cache(breakage)
+        errors = [(run_in_pieces(mamba, x, sizes).float() - full).abs().amax()
+                  for sizes in ([1] * 9, [4, 1, 3, 1])]
+    assert min(errors) > 10 * TOLERANCE[dtype] * max(1.0, float(full.abs().amax())), errors
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

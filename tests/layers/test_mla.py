@@ -8,6 +8,7 @@ from hybridlm.config import ModelConfig
 from hybridlm.layers.mla import MLACache, MultiHeadLatentAttention
 
 NH, D, R, DR = 4, 8, 8, 4  # heads, per-head dim (32 / 4), kv rank, rope dim
+PARITY_TOL = 1e-5  # atol = rtol of cached vs full outputs (measured error ~2e-7)
 
 
 def make_mla(seed: int = 0, **overrides) -> MultiHeadLatentAttention:
@@ -52,7 +53,20 @@ def test_cached_decode_matches_full_forward_token_by_token_and_in_chunks(q_rank,
         for chunks in ([1] * 9, [4, 1, 3, 1]):
             out, cache = run_chunks(mla, x, chunks)
             assert cache.length == sum(chunks)
-            torch.testing.assert_close(out, full[:, : sum(chunks)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out, full[:, : sum(chunks)], atol=PARITY_TOL,
+                                       rtol=PARITY_TOL)
+
+
+@pytest.mark.parametrize("absorb", [False, True], ids=["plain", "absorbed"])
+def test_a_cache_that_forgets_the_history_fails_the_parity(break_cache, absorb):
+    mla = make_mla(mla_absorb=absorb)
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = mla(x, positions=torch.arange(9))
+        break_cache("mla_cache_forgets")
+        for chunks in ([1] * 9, [4, 1, 3, 1]):
+            error = (run_chunks(mla, x, chunks)[0] - full).abs().amax()
+            assert error > 1000 * PARITY_TOL * max(1.0, float(full.abs().amax())), chunks
 
 
 @pytest.mark.parametrize(("offset", "t"), [(0, 1), (0, 6), (5, 1), (3, 4), (7, 3)])
