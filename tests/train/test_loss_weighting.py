@@ -152,7 +152,6 @@ def rank_worker(out_dir: str) -> None:
     shutdown()
 
 
-@pytest.mark.slow  # torchrun starts 2 processes: about 12 s on 2 CPU cores
 def test_two_ranks_give_the_gradient_of_one_big_batch(tmp_path):
     """DDP and FSDP average gradients over ranks; the ranks' token sums must add up."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",

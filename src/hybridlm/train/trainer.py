@@ -184,7 +184,7 @@ def _router_stats(aux: dict[str, Any]) -> dict[str, Any]:
     if aux.get("router_entropy"):
         out["router_entropy"] = [float(e) for e in aux["router_entropy"]]
     if "aux_loss" in aux:
-        out["aux_loss"] = float(aux["aux_loss"])
+        out["aux_loss"] = float(aux["aux_loss"].detach())
     return out
 
 
