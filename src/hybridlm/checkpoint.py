@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hybridlm.config import ModelConfig
+from hybridlm.config_check import ConfigError
 
 if TYPE_CHECKING:
     from hybridlm.model import HybridLM
@@ -69,9 +70,13 @@ def load_config(directory: str | Path) -> ModelConfig:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: not a hybridlm model directory")
     try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path} is damaged: {err}") from err
+    try:
+        return ModelConfig.from_dict(data)  # every field checked by type and range
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def load_weights(model: HybridLM, directory: str | Path) -> None:

@@ -1,8 +1,10 @@
 """ModelConfig: one flat dataclass that describes every hybridlm model, plus named presets.
 
 Variants are chosen by strings (never classes) so a config is always plain JSON. Field names
-follow the source documents (`hidden_size`, `num_hidden_layers`, `mlp_type`, ...). Every bad
-value raises `ValueError` naming the field, the value and what is allowed.
+follow the source documents (`hidden_size`, `num_hidden_layers`, `mlp_type`, ...). Every field
+is checked by its type and by its rule in FIELD_RULES, however the config is made (directly,
+from config.json, a preset with overrides, a run file or `--set`); every bad value raises
+`ConfigError` (a ValueError) naming the field, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hybridlm.config_check import (
+    ConfigError,
+    Rule,
+    at_least,
+    check_fields,
+    check_mapping,
+    one_of,
+    shorten,
+    within,
+)
 
 MLP_TYPES = ("dense", "token_routed", "moe")
 ROUTINGS = ("modulo", "zipf")
@@ -147,53 +160,32 @@ class ModelConfig:
         return self.expert_intermediate_size
 
     def validate(self) -> None:
-        _positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "intermediate_size", "max_position_embeddings")
-        _choice(self, "mlp_type", MLP_TYPES)
-        _choice(self, "routing", ROUTINGS)
-        _choice(self, "mu_update", MU_UPDATES)
+        check_fields(self, FIELD_RULES)  # every field's type and range, see FIELD_RULES
+        # Relations between fields:
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} must divide "
                 f"hidden_size={self.hidden_size}"
             )
         if self.head_dim % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"head_dim = hidden_size/num_attention_heads = {self.head_dim} must be even "
                 "for RoPE"
             )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_key_value_heads={self.num_key_value_heads} must divide "
                 f"num_attention_heads={self.num_attention_heads}"
             )
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts={self.num_experts} must be >= 1")
         if self.mlp_type == "token_routed" and self.intermediate_size % self.num_experts:
-            raise ValueError(
+            raise ConfigError(
                 f"num_experts={self.num_experts} must divide intermediate_size="
                 f"{self.intermediate_size} (token_routed splits the MLP width over the experts)"
             )
-        if self.shared_expert_intermediate_size is not None:
-            _positive(self, "shared_expert_intermediate_size")
         self._validate_layout()
         self._validate_moe()
-        _positive(self, "mla_kv_rank", "mla_rope_dim", "mamba_d_state", "mamba_d_conv",
-                  "mamba_expand", "mamba_chunk_size")
         if self.mla_rope_dim % 2:
-            raise ValueError(f"mla_rope_dim={self.mla_rope_dim} must be even for RoPE")
-        if self.mla_q_rank is not None:
-            _positive(self, "mla_q_rank")
-        if self.mamba_dt_rank is not None:
-            _positive(self, "mamba_dt_rank")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta={self.rope_theta} must be > 0")
-        if self.mu_clamp <= 0:
-            raise ValueError(f"mu_clamp={self.mu_clamp} must be > 0")
-        if self.activation_clamp is not None and self.activation_clamp <= 0:
-            raise ValueError(
-                f"activation_clamp={self.activation_clamp} must be > 0 or None (off)"
-            )
+            raise ConfigError(f"mla_rope_dim={self.mla_rope_dim} must be even for RoPE")
 
     def _validate_layout(self) -> None:
         depth = self.num_hidden_layers
@@ -201,75 +193,63 @@ class ModelConfig:
             pattern = getattr(self, name)
             if pattern is None and name == "mlp_pattern":
                 continue
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"{name}={pattern!r} must be a non-empty string of {letters}")
+            if not pattern:
+                raise ConfigError(f"{name}={pattern!r} must be a non-empty string of {letters}")
             unknown = sorted(set(pattern) - set(letters))
             if unknown:
-                raise ValueError(
-                    f"{name}={pattern!r} has unknown letters {unknown}; allowed: {letters}"
+                raise ConfigError(
+                    f"{name}={shorten(pattern)} has unknown letters {shorten(unknown)}; "
+                    f"allowed: {letters}"
                 )
             if depth % len(pattern):
-                raise ValueError(
-                    f"{name}={pattern!r} (length {len(pattern)}) does not tile "
+                raise ConfigError(
+                    f"{name}={shorten(pattern)} (length {len(pattern)}) does not tile "
                     f"num_hidden_layers={depth}: the length must divide the depth"
                 )
-        if self.mlp_type == "dense" and "E" in self.layer_mlps:
-            raise ValueError(
+        # The checks below read the pattern, never one entry per layer: a config may name any
+        # depth, and validating it must not take time or memory in proportion.
+        mlp_letters = self.mlp_pattern or ("D" if self.mlp_type == "dense" else "E")
+        if self.mlp_type == "dense" and "E" in mlp_letters:
+            raise ConfigError(
                 f"mlp_pattern={self.mlp_pattern!r} asks for expert layers (E) but "
                 "mlp_type='dense'; use mlp_type='token_routed' or 'moe'"
             )
         per_layer = self.num_experts_per_layer
         if per_layer is not None:
-            if not isinstance(per_layer, list | tuple) or len(per_layer) != depth:
-                raise ValueError(
-                    f"num_experts_per_layer={per_layer!r} must list one count per layer "
+            if len(per_layer) != depth:
+                raise ConfigError(
+                    f"num_experts_per_layer={shorten(per_layer)} must list one count per layer "
                     f"(num_hidden_layers={depth})"
                 )
-            for layer, (count, kind) in enumerate(zip(per_layer, self.layer_mlps, strict=True)):
+            for layer, count in enumerate(per_layer):
+                kind = mlp_letters[layer % len(mlp_letters)]
                 if kind == "D" and count != 0:
-                    raise ValueError(
+                    raise ConfigError(
                         f"num_experts_per_layer[{layer}]={count} but layer {layer} is dense "
                         f"(mlp letter D): use 0"
                     )
-                if kind == "E" and (not isinstance(count, int) or count < 1):
-                    raise ValueError(
+                if kind == "E" and count < 1:
+                    raise ConfigError(
                         f"num_experts_per_layer[{layer}]={count!r} must be >= 1 on an expert "
                         "layer"
                     )
                 if (kind == "E" and self.mlp_type == "token_routed"
                         and self.intermediate_size % count):
-                    raise ValueError(
+                    raise ConfigError(
                         f"num_experts_per_layer[{layer}]={count} must divide "
                         f"intermediate_size={self.intermediate_size}"
                     )
 
     def _validate_moe(self) -> None:
-        _choice(self, "moe_router", MOE_ROUTERS)
-        _choice(self, "moe_score", MOE_SCORES)
-        _choice(self, "moe_balance", MOE_BALANCES)
-        _positive(self, "moe_top_k")
         if self.mlp_type == "moe" and self.moe_router == "topk":
-            counts = [self.experts_in_layer(i) for i in range(self.num_hidden_layers)]
-            smallest = min((c for c in counts if c), default=self.num_experts)
+            # the expert layers' counts (dense layers list 0; none listed: num_experts each)
+            counts = [c for c in self.num_experts_per_layer or [] if c]
+            smallest = min(counts, default=self.num_experts)
             if self.moe_top_k > smallest:
-                raise ValueError(
+                raise ConfigError(
                     f"moe_top_k={self.moe_top_k} exceeds the number of experts ({smallest}) "
                     "of an expert layer"
                 )
-        cf = self.moe_capacity_factor
-        if cf is not None and not cf > 0:
-            raise ValueError(f"moe_capacity_factor={cf} must be > 0 (or None: no capacity)")
-        if self.moe_num_shared < 0:
-            raise ValueError(f"moe_num_shared={self.moe_num_shared} must be >= 0")
-        if not self.shared_expert_ratio > 0:
-            raise ValueError(f"shared_expert_ratio={self.shared_expert_ratio} must be > 0")
-        if self.moe_intermediate_size is not None:
-            _positive(self, "moe_intermediate_size")
-        for name in ("moe_aux_loss_coef", "moe_bias_update_rate"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if not 0 <= self.moe_load_ema_decay < 1:
-            raise ValueError(f"moe_load_ema_decay={self.moe_load_ema_decay} must lie in [0, 1)")
 
     # --- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -277,11 +257,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {unknown}")
-        return cls(**data)
+        """From plain data (config.json, a preset with overrides); any bad field or value
+        raises ConfigError naming it."""
+        return cls(**check_mapping(cls, data, FIELD_RULES, what="ModelConfig"))
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -298,8 +276,8 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+        if not isinstance(name, str) or name not in PRESETS:
+            raise ConfigError(f"unknown preset {shorten(name)}; allowed: {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
 
@@ -307,17 +285,38 @@ def _tile(pattern: str, depth: int) -> list[str]:
     return [pattern[i % len(pattern)] for i in range(depth)]
 
 
-def _positive(cfg: ModelConfig, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive integer")
-
-
-def _choice(cfg: ModelConfig, name: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(cfg, name)
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+# What each field allows beyond its type (the annotation); ModelConfig.validate checks both
+# through hybridlm.config_check, then the relations between fields.
+_POSITIVE = at_least(1)
+FIELD_RULES: dict[str, Rule] = {
+    **dict.fromkeys(
+        ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "intermediate_size", "max_position_embeddings", "num_experts",
+         "shared_expert_intermediate_size", "moe_top_k", "moe_intermediate_size",
+         "mla_kv_rank", "mla_rope_dim", "mla_q_rank", "mamba_d_state", "mamba_d_conv",
+         "mamba_expand", "mamba_dt_rank", "mamba_chunk_size"),
+        _POSITIVE),
+    "rope_theta": at_least(0, strict=True),
+    "rms_norm_eps": at_least(0, strict=True),
+    "initializer_range": at_least(0, strict=True),
+    "num_experts_per_layer": at_least(0),  # each entry; >= 1 on expert layers (validate)
+    "mlp_type": one_of(MLP_TYPES),
+    "routing": one_of(ROUTINGS),
+    "moe_router": one_of(MOE_ROUTERS),
+    "moe_score": one_of(MOE_SCORES),
+    "moe_balance": one_of(MOE_BALANCES),
+    "moe_aux_loss_coef": at_least(0),
+    "moe_bias_update_rate": at_least(0),
+    "moe_load_ema_decay": within(0, 1, high_open=True),
+    "moe_capacity_factor": at_least(0, strict=True),
+    "moe_num_shared": at_least(0),
+    "shared_expert_ratio": at_least(0, strict=True),
+    "mu_update": one_of(MU_UPDATES),
+    "mu_clamp": at_least(0, strict=True),
+    "mu_ema_alpha": within(0, 1),
+    "mu_ema_beta": within(0, 1),
+    "activation_clamp": at_least(0, strict=True),
+}
 
 
 # Presets are data: overrides of the dataclass defaults (which are the 187M model).

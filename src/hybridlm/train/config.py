@@ -3,20 +3,39 @@
     hybridlm train --config run.yaml --set lr=1e-3 --set model.routing=zipf
 
 The resolved config is saved into the run directory (`train_config.json`); resuming compares
-it with the saved one and refuses when a field that changes the run's meaning differs.
+it with the saved one and refuses when a field that changes the run's meaning differs. Every
+field (and every `model:` override, by its ModelConfig field) is checked by its type and its
+rule in FIELD_RULES, however the config is made; a bad one raises `ConfigError` naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from hybridlm.config import PRESETS
+from hybridlm.config import FIELD_RULES as MODEL_FIELD_RULES
+from hybridlm.config import PRESETS, ModelConfig
+from hybridlm.config_check import (
+    ConfigError,
+    Rule,
+    as_typed,
+    at_least,
+    check_fields,
+    check_mapping,
+    check_value,
+    field_types,
+    non_empty,
+    one_of,
+    shorten,
+    unknown_fields_message,
+    within,
+)
 
 SCHEDULES = ("cosine", "wsd", "restarts")
 TASKS = ("pretrain", "sft")
@@ -67,39 +86,42 @@ class TrainConfig:
     parallel: str = "none"  # "none" | "ddp" | "fsdp" (under torchrun)
     progress: bool = True  # progress bar on rank 0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        for name in ("steps", "global_batch_size", "seq_len", "eval_every", "eval_batches",
-                     "log_every", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len={self.seq_len} must be >= 2 (one input, one target)")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size={self.micro_batch_size} must be >= 1 or None")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} is not one of {list(SCHEDULES)}")
-        if not 0 < self.decay_fraction <= 1:
-            raise ValueError(f"decay_fraction={self.decay_fraction} must lie in (0, 1]")
+        check_fields(self, FIELD_RULES)  # every field's type and range, see FIELD_RULES
+        # Relations between fields:
         if self.schedule == "restarts":
             steps = self.restart_steps
-            if not steps or sorted(set(steps)) != list(steps) or steps[0] <= 0:
-                raise ValueError(
-                    f"restart_steps={steps!r} must be a non-empty increasing list of steps > 0 "
-                    "for schedule='restarts'"
+            if not steps or sorted(set(steps)) != list(steps):
+                raise ConfigError(
+                    f"restart_steps={shorten(steps)} must be a non-empty increasing list of "
+                    "steps > 0 for schedule='restarts'"
                 )
-        if self.task not in TASKS:
-            raise ValueError(f"task={self.task!r} is not one of {list(TASKS)}")
         if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; allowed: {sorted(PRESETS)}")
-        if self.parallel not in PARALLEL:
-            raise ValueError(f"parallel={self.parallel!r} is not one of {list(PARALLEL)}")
+            raise ConfigError(f"unknown preset {shorten(self.preset)}; allowed: "
+                              f"{sorted(PRESETS)}")
+        self._validate_model_overrides()
+
+    def _validate_model_overrides(self) -> None:
+        """Each override by its ModelConfig field, then the preset with the overrides as a
+        whole (num_experts must divide the preset's intermediate_size, ...), so a bad model
+        is refused when the run is read, before any data is loaded."""
+        self.model = check_mapping(ModelConfig, self.model, MODEL_FIELD_RULES, what="model",
+                                   prefix="model.")
+        if self.init_from is not None:
+            if self.model:
+                raise ConfigError(
+                    f"model overrides {sorted(self.model)} have no effect with init_from="
+                    f"{self.init_from!r}: the model directory's config.json decides its shape"
+                )
+            return
+        try:
+            ModelConfig.from_preset(self.preset, **self.model)
+        except ConfigError as err:
+            raise ConfigError(f"model (preset {self.preset!r} with the run's overrides): "
+                              f"{err}") from None
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank; refuses impossible combinations."""
@@ -127,50 +149,117 @@ class TrainConfig:
                 if k not in RESUMABLE_CHANGES and mine[k] != theirs[k]]
 
 
-def _set_override(data: dict[str, Any], key: str, value: Any) -> None:
-    """Apply `key=value`; `model.field=value` sets a ModelConfig override."""
-    if key.startswith("model."):
-        data.setdefault("model", {})[key[len("model."):]] = value
-        return
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    if key not in known:
-        raise ValueError(f"unknown training field {key!r}; known: {sorted(known)}")
-    data[key] = value
+# What each field allows beyond its type (the annotation); TrainConfig.validate checks both
+# through hybridlm.config_check, then the relations between fields.
+_POSITIVE = at_least(1)
+FIELD_RULES: dict[str, Rule] = {
+    **dict.fromkeys(("data", "out", "init_from", "device"), non_empty),
+    "task": one_of(TASKS),
+    **dict.fromkeys(("steps", "global_batch_size", "micro_batch_size", "max_bad_steps",
+                     "eval_every", "eval_batches", "log_every", "checkpoint_every",
+                     "keep_checkpoints"), _POSITIVE),
+    "seq_len": at_least(2, why="one input, one target"),
+    "lr": at_least(0, strict=True),
+    "min_lr_ratio": within(0, 1),
+    "warmup_steps": at_least(0),
+    "schedule": one_of(SCHEDULES),
+    "decay_fraction": within(0, 1, low_open=True),
+    "restart_steps": at_least(1),  # each entry
+    "weight_decay": at_least(0),
+    "beta1": within(0, 1, high_open=True),
+    "beta2": within(0, 1, high_open=True),
+    "max_minutes": at_least(0, strict=True),
+    # seeds that torch.manual_seed and numpy's generators both take
+    "seed": lambda seed: None if 0 <= seed < 2**63 else "must lie in [0, 2**63)",
+    "parallel": one_of(PARALLEL),
+}
+
+
+class _RunFileLoader(yaml.SafeLoader):
+    """YAML as in PyYAML, except that exponent floats without a dot (1e-3, 3E5) are floats,
+    as in JSON and YAML 1.2: `lr: 1e-3` and `--set lr=1e-3` mean a number."""
+
+
+_RunFileLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RunFileLoader)  # a SafeLoader: plain data only
+
+
+def _set_override(data: dict[str, Any], key: Any, value: Any, source: str = "") -> None:
+    """Apply `key=value` from `source` (named in errors, if given); `model.field=value` sets a
+    ModelConfig override. Each value is checked by its field's type and range here, where
+    its source is known; the run as a whole is checked when the TrainConfig is made."""
+    try:
+        if isinstance(key, str) and key.startswith("model."):
+            name = key[len("model."):]
+            data["model"] = {**data.get("model", {}),
+                             **check_mapping(ModelConfig, {name: value}, MODEL_FIELD_RULES,
+                                             what="model", prefix="model.")}
+            return
+        hints = field_types(TrainConfig)
+        if key not in hints:
+            raise ConfigError(unknown_fields_message("training", [key], hints)
+                              + f"; known: {sorted(hints)}")
+        if key == "model":
+            value = check_mapping(ModelConfig, value, MODEL_FIELD_RULES, what="model",
+                                  prefix="model.")
+        data[key] = check_value(key, value, hints[key], FIELD_RULES.get(key))
+    except ConfigError as err:
+        if not source:
+            raise
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def parse_value(text: str) -> Any:
-    """YAML scalar parsing: 1e-3 -> float, true -> bool, [1, 2] -> list, zipf -> str."""
-    return yaml.safe_load(text) if text != "" else ""
+    """YAML scalar parsing: 1e-3 -> float, true -> bool, [1, 2] -> list, zipf -> str; text
+    that is not valid YAML stays the string it is."""
+    if text == "":
+        return ""
+    try:
+        return _read_yaml(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _read_run_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"run config {path} does not exist")
+    try:
+        data = _read_yaml(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        one_line = " ".join(str(err).split())
+        raise ConfigError(f"run config {path} is not valid YAML/JSON: {one_line}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"run config {path} must hold a mapping of fields, got "
+                          f"{shorten(data)}")
+    checked: dict[str, Any] = {}
+    for key, value in data.items():
+        _set_override(checked, key, value, source=f"run config {path}")
+    return checked
 
 
 def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None = None,
                       set_args: list[str] | None = None) -> TrainConfig:
     """Read a YAML/JSON run file (optional), then apply `overrides` and `--set key=value`."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"run config {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"run config {path} is not valid YAML/JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"run config {path} must hold a mapping of fields, got {data!r}")
-        for key in list(data):
-            if key != "model":
-                _set_override(data, key, data.pop(key))
+    data = _read_run_file(path) if path is not None else {}
     for key, value in (overrides or {}).items():
         if value is not None:
-            _set_override(data, key, value)
+            _set_override(data, key, value)  # the checker's message names the field
     for item in set_args or []:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {as_typed(item)}")
         key, text = item.split("=", 1)
-        _set_override(data, key.strip(), parse_value(text))
+        _set_override(data, key.strip(), parse_value(text), source=f"--set {as_typed(item)}")
     missing = [k for k in ("data", "out") if k not in data]
     if missing:
-        raise ValueError(f"the run needs {missing} (in the config file or as flags)")
-    cfg = TrainConfig(**data)
-    cfg.validate()
-    return cfg
+        raise ConfigError(f"the run needs {missing} (in the config file or as flags)")
+    return TrainConfig(**data)
