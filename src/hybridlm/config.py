@@ -226,12 +226,12 @@ class ModelConfig:
                 if kind == "D" and count != 0:
                     raise ConfigError(
                         f"num_experts_per_layer[{layer}]={count} but layer {layer} is dense "
-                        f"(mlp letter D): use 0"
+                        f"(mlp letter D of mlp_pattern={self.mlp_pattern!r}): use 0"
                     )
                 if kind == "E" and count < 1:
                     raise ConfigError(
                         f"num_experts_per_layer[{layer}]={count!r} must be >= 1 on an expert "
-                        "layer"
+                        f"layer (mlp letter E of mlp_pattern={self.mlp_pattern!r})"
                     )
                 if (kind == "E" and self.mlp_type == "token_routed"
                         and self.intermediate_size % count):
@@ -245,10 +245,11 @@ class ModelConfig:
             # the expert layers' counts (dense layers list 0; none listed: num_experts each)
             counts = [c for c in self.num_experts_per_layer or [] if c]
             smallest = min(counts, default=self.num_experts)
+            source = "num_experts_per_layer" if counts else "num_experts"
             if self.moe_top_k > smallest:
                 raise ConfigError(
                     f"moe_top_k={self.moe_top_k} exceeds the number of experts ({smallest}) "
-                    "of an expert layer"
+                    f"of an expert layer ({source})"
                 )
 
     # --- serialisation -----------------------------------------------------------------------
