@@ -26,7 +26,7 @@ from hybridlm import PRESETS, ConfigError, ModelConfig
 from hybridlm.checkpoint import load_config
 from hybridlm.config_check import as_typed
 from hybridlm.train import TrainConfig, load_train_config
-from hybridlm.train.config import parse_value
+from hybridlm.train.config import parse_value, set_value
 
 MODEL_HINTS = typing.get_type_hints(ModelConfig)
 TRAIN_HINTS = typing.get_type_hints(TrainConfig)
@@ -187,7 +187,7 @@ _typed = st.text(max_size=10) | json_values.map(json.dumps) | json_values.map(st
 @FAST
 @given(name=train_fields, text=_typed)
 def test_train_field_from_set(name, text):
-    read = parse_value(text)
+    read = set_value(name, text)
     item = f"{name}={text}"
     assert_outcome(lambda: load_train_config(None, REQUIRED, [item]), name, read,
                    TRAIN_HINTS[name], source=f"--set {as_typed(item)}")
@@ -196,7 +196,7 @@ def test_train_field_from_set(name, text):
 @FAST
 @given(name=model_fields, text=_typed)
 def test_model_override_from_set(name, text):
-    read = parse_value(text)
+    read = set_value(f"model.{name}", text)
     item = f"model.{name}={text}"
     assert_outcome(lambda: load_train_config(None, REQUIRED, [item]), f"model.{name}", read,
                    MODEL_HINTS[name], named=[f"model.{name}", name],
@@ -219,16 +219,20 @@ def _set_text(value) -> str:
     return yaml.safe_dump(value).removesuffix("...\n").strip()
 
 
-def _via_set(value):
-    return parse_value(_set_text(value))  # what the field receives from --set
+def _as_given(name, value):
+    return value
+
+
+def _via_set(name, value):
+    return set_value(name, _set_text(value))  # what the field receives from --set
 
 
 ENTRY_POINTS = {  # how a value reaches a field, and what it is when it gets there
-    "ModelConfig(...)": (MODEL_FIELDS, MODEL_HINTS, "", lambda v: v,
+    "ModelConfig(...)": (MODEL_FIELDS, MODEL_HINTS, "", _as_given,
                          lambda n, v: ModelConfig(**{n: v})),
-    "ModelConfig.from_dict": (MODEL_FIELDS, MODEL_HINTS, "", lambda v: v,
+    "ModelConfig.from_dict": (MODEL_FIELDS, MODEL_HINTS, "", _as_given,
                               lambda n, v: ModelConfig.from_dict({n: v})),
-    "TrainConfig(...)": (TRAIN_FIELDS, TRAIN_HINTS, "", lambda v: v,
+    "TrainConfig(...)": (TRAIN_FIELDS, TRAIN_HINTS, "", _as_given,
                          lambda n, v: TrainConfig(**{**REQUIRED, n: v})),
     "--set field=value": (TRAIN_FIELDS, TRAIN_HINTS, "", _via_set,
                           lambda n, v: load_train_config(None, REQUIRED,
@@ -245,7 +249,8 @@ def test_every_field_against_every_wrong_kind(entry):
     for name in names:
         for value in WRONG_KINDS:
             assert_outcome(functools.partial(make, name, value), f"{prefix}{name}",
-                           received(value), hints[name], named=[f"{prefix}{name}", name])
+                           received(f"{prefix}{name}", value), hints[name],
+                           named=[f"{prefix}{name}", name])
 
 
 # --- the oracle itself ----------------------------------------------------------------------

@@ -178,3 +178,10 @@ def test_a_deep_model_validates_without_walking_its_layers():
     # validation reads the patterns, not one entry per layer: a typo'd depth is no hang
     cfg = ModelConfig(num_hidden_layers=10**18, mlp_type="moe", mixer_pattern="AM")
     assert cfg.num_hidden_layers == 10**18
+
+
+def test_set_gives_string_fields_the_text_as_typed():
+    cfg = load_train_config(None, REQUIRED, ["out=2024", "device=cpu", "init_from=null",
+                                             "model.mlp_pattern=~", "steps=7"])
+    assert (cfg.out, cfg.device, cfg.init_from, cfg.steps) == ("2024", "cpu", None, 7)
+    assert cfg.model == {"mlp_pattern": None}

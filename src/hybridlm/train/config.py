@@ -227,6 +227,18 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def set_value(key: str, text: str) -> Any:
+    """The value of `--set key=text`: YAML, except that a string field takes the text as
+    typed (`out=2024` names a directory; YAML would make it an int), null still None."""
+    value = parse_value(text)
+    if value is None:
+        return value
+    cls, name = (ModelConfig, key[len("model."):]) if key.startswith("model.") else (
+        TrainConfig, key)
+    hint = field_types(cls).get(name)
+    return text if hint in (str, str | None) else value
+
+
 def _read_run_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -258,7 +270,8 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None 
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {as_typed(item)}")
         key, text = item.split("=", 1)
-        _set_override(data, key.strip(), parse_value(text), source=f"--set {as_typed(item)}")
+        key = key.strip()
+        _set_override(data, key, set_value(key, text), source=f"--set {as_typed(item)}")
     missing = [k for k in ("data", "out") if k not in data]
     if missing:
         raise ConfigError(f"the run needs {missing} (in the config file or as flags)")
