@@ -8,9 +8,6 @@ problems at once.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from hybridlm.config import ModelConfig
 from hybridlm.config_check import ConfigError
+from hybridlm.outputs import entries, link_or_copy, staged_dir
 
 if TYPE_CHECKING:
     from hybridlm.model import HybridLM
@@ -40,26 +38,18 @@ def _tensors_to_save(model: HybridLM) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: HybridLM, directory: str | Path) -> None:
+    """Write config.json + model.safetensors into a new directory that then replaces
+    `directory` (hybridlm.outputs.staged_dir). Other files of an existing directory
+    (tokenizer.json, trainer state) are kept: hard-linked (or copied) into the new one, never
+    moved out of the old one, which is deleted only once the new one is in place."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
-    try:
-        (tmp / CONFIG_NAME).write_text(model.config.to_json() + "\n")
-        save_file(_tensors_to_save(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        if directory.exists():
-            # Keep files that are not ours (tokenizer.json, trainer state) by moving them over.
-            for extra in directory.iterdir():
-                if extra.name not in (CONFIG_NAME, WEIGHTS_NAME):
-                    os.replace(extra, tmp / extra.name)
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_dir(directory, replace=True) as staging:
+        (staging / CONFIG_NAME).write_text(model.config.to_json() + "\n")
+        save_file(_tensors_to_save(model), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        if staging.parent != directory and directory.is_dir():
+            for name, extra in entries(directory).items():
+                if name not in (CONFIG_NAME, WEIGHTS_NAME):
+                    link_or_copy(extra, staging / name)
 
 
 def load_config(directory: str | Path) -> ModelConfig:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from hybridlm.config import PRESETS
 
@@ -23,10 +24,34 @@ from hybridlm.config import PRESETS
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from hybridlm.data import Tokenizer, load_documents, split_documents
 
+    as_file = claim_tokenizer_out(args.out, args.input, args.overwrite)
     docs = split_documents(load_documents(args.input))["train"]
     tokenizer = Tokenizer.train((d.text for d in docs), vocab_size=args.vocab_size)
-    path = tokenizer.save(args.out)
+    path = save_tokenizer_out(tokenizer, args.out, as_file)
     print(f"trained on {len(docs)} training documents; vocab {tokenizer.vocab_size} -> {path}")
+
+
+def claim_tokenizer_out(out: str, corpus: str, overwrite: bool) -> bool:
+    """Check `tokenizer train --out` before training (hybridlm.outputs); True when it names a
+    .json file rather than a directory."""
+    from hybridlm.outputs import TOKENIZER, claim_file_output, claim_output
+
+    if Path(out).suffix == ".json":  # the rule of Tokenizer.save
+        claim_file_output(out, overwrite=overwrite, inputs={"--input": corpus})
+        return True
+    claim_output(out, TOKENIZER, overwrite=overwrite, inputs={"--input": corpus})
+    return False
+
+
+def save_tokenizer_out(tokenizer, out: str, as_file: bool) -> Path:
+    """A tokenizer directory is written whole beside --out and moved into place."""
+    from hybridlm.outputs import staged_dir
+
+    if as_file:
+        return tokenizer.save(out)
+    with staged_dir(out, replace=True) as staging:
+        name = tokenizer.save(staging).name
+    return Path(out) / name
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
@@ -35,7 +60,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     meta = prepare_corpus(
         args.input, args.tokenizer, args.out, workers=args.workers,
         shard_tokens=args.shard_tokens, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
+        test_fraction=args.test_fraction, overwrite=args.overwrite,
     )
     print(json.dumps({"out": args.out, "tokens": meta["tokens"], "documents": meta["documents"],
                       "shards": meta["shards"]}))
@@ -158,7 +183,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from hybridlm.demo import run_demo
 
     run_demo(args.out, steps=args.steps, max_minutes=args.max_minutes,
-             vocab_size=args.vocab_size)
+             vocab_size=args.vocab_size, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help=".jsonl[.xz], .txt, or a directory of them")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--out", required=True, help="tokenizer.json path or a directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a tokenizer already at --out (written whole, then swapped in)")
     p.set_defaults(func=cmd_tokenizer_train)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="action", required=True)
@@ -186,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most tokens per shard file (default: 2**27)")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--test-fraction", type=float, default=0.05)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace prepared data of other inputs or settings at --out (written "
+                        "whole, then swapped in); unchanged inputs are never prepared again")
     p.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("train", help="train (or --resume) a model on prepared data")
@@ -223,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--max-minutes", type=float, default=9.0)
     p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--overwrite", action="store_true",
+                   help="train OUT/model again, replacing an earlier demo's model once done")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -7,8 +7,8 @@ reader can see at once that the model learned more than token frequencies.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -24,14 +24,29 @@ from hybridlm.data import (
     unigram_loss,
 )
 from hybridlm.model import HybridLM
+from hybridlm.outputs import (
+    DEMO,
+    PREPARED,
+    RUN,
+    OutputError,
+    check_output_path,
+    claim_output,
+    identify,
+    staged_dir,
+)
 from hybridlm.train import TrainConfig, train
-from hybridlm.train.trainer import evaluate
+from hybridlm.train.trainer import CONFIG_FILE, TrainResult, evaluate
 
 
-def prepare_demo_data(out: Path, vocab_size: int) -> Path:
-    """Tokenizer + prepared splits under out/data (skipped if already complete)."""
+def prepare_demo_data(out: Path, vocab_size: int, overwrite: bool = False) -> Path:
+    """Tokenizer + prepared splits under out/data: complete prepared data there is reused;
+    anything else there is refused (unfinished prepared data is replaced with `overwrite`)."""
     data_dir = out / "data"
-    if (data_dir / "meta.json").is_file():
+    try:
+        load_prepared(data_dir)
+    except (OSError, ValueError):
+        claim_output(data_dir, PREPARED, overwrite=overwrite, flag="")
+    else:
         print(f"[demo] reusing prepared data in {data_dir}")
         return data_dir
     t0 = time.perf_counter()
@@ -41,26 +56,56 @@ def prepare_demo_data(out: Path, vocab_size: int) -> Path:
     tokenizer = Tokenizer.train((d.text for d in splits["train"]), vocab_size=vocab_size)
     print(f"[demo] trained a byte-level BPE tokenizer, vocab {tokenizer.vocab_size} "
           f"({time.perf_counter() - t0:.1f}s)")
-    meta = prepare_dataset(splits, tokenizer, data_dir, source=str(DEMO_CORPUS.name))
+    meta = prepare_dataset(splits, tokenizer, data_dir, source=str(DEMO_CORPUS.name),
+                           overwrite=overwrite)
     print(f"[demo] tokens per split {meta['tokens']} ({time.perf_counter() - t0:.1f}s)")
     return data_dir
 
 
+def train_demo_model(cfg: TrainConfig, model_dir: Path) -> TrainResult:
+    """Train into a temporary directory beside `model_dir` that replaces it only once the run
+    has finished: an interrupted demo leaves the earlier model as it was."""
+    with staged_dir(model_dir, replace=True) as staging:
+        result = train(dataclasses.replace(cfg, out=str(staging)))
+        cfg.save(staging / CONFIG_FILE)  # the run's config names where it ends up
+    return dataclasses.replace(result, out=str(model_dir))
+
+
+def claim_demo(out_dir: Path, overwrite: bool) -> Path:
+    """The demo writes OUT/data and OUT/model into a new or empty directory or an earlier
+    demo's; an earlier demo's model is replaced only with `overwrite`, anything else never."""
+    found = identify(out_dir)
+    if found.kind not in (None, DEMO):
+        raise OutputError(f"--out {out_dir} already holds {found.description}; the demo writes "
+                          "data/ and model/ into a new or empty directory (or an earlier "
+                          "demo's): choose another --out")
+    model_dir = out_dir / "model"
+    found = identify(model_dir)
+    if found.kind == RUN and not overwrite:
+        raise OutputError(f"{model_dir} already holds {found.description} of an earlier demo; "
+                          "pass --overwrite to train it again, or choose another --out")
+    claim_output(model_dir, RUN, overwrite=True, flag="")
+    return model_dir
+
+
 def run_demo(out: str, steps: int, max_minutes: float, vocab_size: int = 8192,
-             prompt: str = "The state of the Union is") -> dict:
-    out_dir = Path(out)
-    data_dir = prepare_demo_data(out_dir, vocab_size)
+             prompt: str = "The state of the Union is", overwrite: bool = False) -> dict:
+    """Prepare the shipped corpus into OUT/data (reused when complete) and train the tiny
+    model into OUT/model; an existing OUT/model is replaced only with `overwrite`."""
+    out_dir = check_output_path(out)
+    data_dir = out_dir / "data"
+    model_dir = out_dir / "model"
     cfg = TrainConfig(
-        data=str(data_dir), out=str(out_dir / "model"), preset="tiny",
+        data=str(data_dir), out=str(model_dir), preset="tiny",
         model={"routing": "zipf"}, steps=steps, global_batch_size=32, seq_len=128,
         lr=3e-3, warmup_steps=max(1, steps // 20), eval_every=max(1, steps // 4),
         eval_batches=8, checkpoint_every=max(1, steps // 2), max_minutes=max_minutes,
     )
-    if (out_dir / "model").exists():
-        shutil.rmtree(out_dir / "model")  # the demo always trains afresh
+    claim_demo(out_dir, overwrite)
+    prepare_demo_data(out_dir, vocab_size, overwrite)
     print(f"[demo] training preset 'tiny' (Zipf token routing) for up to {steps} steps "
           f"or {max_minutes} minutes")
-    result = train(cfg)
+    result = train_demo_model(cfg, model_dir)
     model = HybridLM.from_pretrained(result.out).eval()
     data = load_prepared(data_dir)
     val_tokens = data.split("validation")

@@ -25,8 +25,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from hybridlm.outputs import (
+    PREPARED,
+    check_not_an_input,
+    check_output_path,
+    claim_output,
+    staged_dir,
+)
+
 from .corpus import (
-    SPLITS,
     Document,
     DuplicateKeyError,
     check_fractions,
@@ -47,7 +54,6 @@ from .shards import (
     SplitWriter,
     check_shard_tokens,
     check_split_names,
-    clear_outputs,
     load_prepared,
     read_meta,
     shard_filename,
@@ -106,6 +112,7 @@ def prepare_dataset(
     source: str = "",
     *,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """Tokenize documents already split in memory into the sharded layout of ``out_dir``.
 
@@ -116,16 +123,20 @@ def prepare_dataset(
         documents_by_split: e.g. the output of :func:`~hybridlm.data.split_documents`; must
             contain ``"train"``. Empty splits give a split directory without shards.
         tokenizer: tokenizer used for every split; copied to ``out_dir/tokenizer.json``.
-        out_dir: output directory (created if needed; an earlier preparation is replaced).
+        out_dir: output directory: new, empty, or an earlier preparation (replaced with
+            ``overwrite``); written in a temporary directory beside it and moved into place
+            once complete (:mod:`hybridlm.outputs`).
         source: free-form description of the corpus, stored in ``meta.json``.
         shard_tokens: most tokens per shard file.
+        overwrite: replace an earlier preparation in ``out_dir``.
 
     Returns:
         The metadata dict also written to ``out_dir/meta.json``.
 
     Raises:
         ValueError: no ``"train"`` split, the train split has no documents, an invalid split
-            name or ``shard_tokens`` < 1.
+            name or ``shard_tokens`` < 1; :class:`~hybridlm.outputs.OutputError` for an
+            ``out_dir`` that holds something else (or, without ``overwrite``, prepared data).
     """
     if "train" not in documents_by_split:
         raise ValueError(
@@ -135,9 +146,13 @@ def prepare_dataset(
         raise ValueError("the 'train' split has no documents")
     check_split_names(documents_by_split)
     check_shard_tokens(shard_tokens)
-    out = Path(out_dir)
-    clear_outputs(out, documents_by_split)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(out_dir, PREPARED, overwrite=overwrite, flag="")
+    with staged_dir(out, replace=True, last=[META_FILENAME]) as staging:
+        return _write_dataset(documents_by_split, tokenizer, staging, source, shard_tokens)
+
+
+def _write_dataset(documents_by_split: Mapping[str, Sequence[Document]], tokenizer: Tokenizer,
+                   out: Path, source: str, shard_tokens: int) -> dict[str, Any]:
     vocab_size = tokenizer.vocab_size
     dtype = token_dtype(vocab_size)
     tokenizer.save(out / TOKENIZER_FILENAME)
@@ -311,6 +326,7 @@ def prepare_corpus(
     val_fraction: float = 0.05,
     test_fraction: float = 0.05,
     progress: bool = True,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """Tokenize corpus files into train / validation / test shards under ``out_dir``.
 
@@ -322,10 +338,14 @@ def prepare_corpus(
 
     If ``out_dir/meta.json`` holds the same fingerprint (input paths, sizes and mtimes,
     tokenizer content, fractions, shard size), nothing is done: a line saying so is printed
-    and the existing metadata returned. Otherwise an earlier preparation is replaced.
+    and the existing metadata returned. Otherwise an earlier preparation is replaced (with
+    ``overwrite``; without it, refused). ``out_dir`` may not be an input, lie inside one or
+    hold one, nor hold anything but prepared data.
 
-    Tokens first go, in input order, to a temporary file in ``out_dir`` (about the size of
-    the output), then are written to the shards in split order.
+    Everything is written to a temporary directory beside ``out_dir`` and moved into place
+    once complete (:mod:`hybridlm.outputs`): an error, Ctrl-C or SIGKILL leaves ``out_dir`` as
+    it was. Tokens first go, in input order, to a temporary file there (about the size of the
+    output), then are written to the shards in split order.
 
     Args:
         inputs: one path or several.
@@ -337,13 +357,15 @@ def prepare_corpus(
         shard_tokens: most tokens per shard file (default ``2**27``).
         val_fraction, test_fraction: expected fractions of documents held out.
         progress: show progress bars.
+        overwrite: replace prepared data of other inputs or settings in ``out_dir``.
 
     Returns:
         The metadata dict written to ``out_dir/meta.json``.
 
     Raises:
         FileNotFoundError: an input or the tokenizer does not exist.
-        ValueError: bad options, malformed input, duplicate ids, or an empty train split.
+        ValueError: bad options, malformed input, duplicate ids, or an empty train split;
+            :class:`~hybridlm.outputs.OutputError` for an ``out_dir`` it may not write.
     """
     check_fractions(val_fraction, test_fraction)
     check_shard_tokens(shard_tokens)
@@ -356,7 +378,8 @@ def prepare_corpus(
     tok_file = _tokenizer_file(tokenizer)
     tok_json = tok_file.read_bytes()
     fingerprint = corpus_fingerprint(paths, tok_json, val_fraction, test_fraction, shard_tokens)
-    out = Path(out_dir)
+    out = check_output_path(out_dir, flag="")
+    check_not_an_input(out, {"--input": paths}, flag="")
     existing = read_meta(out)
     if existing is not None and existing.get("fingerprint") == fingerprint:
         try:
@@ -366,20 +389,39 @@ def prepare_corpus(
         else:
             print(f"{out} is up to date (fingerprint {fingerprint[:12]}); nothing to do")
             return existing
+    claim_output(out, PREPARED, overwrite=overwrite, flag="")
 
     vocab_size = Tokenizer.from_file(tok_file).vocab_size
-    dtype = token_dtype(vocab_size)
     files = list_input_files(paths)
+    with staged_dir(out, replace=True, last=[META_FILENAME]) as staging:
+        meta = _write_corpus(paths, files, tok_json, staging, vocab_size, workers=workers,
+                             shard_tokens=shard_tokens, val_fraction=val_fraction,
+                             test_fraction=test_fraction, progress=progress)
+        meta["fingerprint"] = fingerprint
+        write_meta(staging, meta)
+    return meta
+
+
+def _quiet(progress: bool) -> bool | None:
+    """tqdm's `disable`: None shows bars on a terminal only, so logs and the one-line error
+    of a failed run are not interleaved with progress lines."""
+    return None if progress else True
+
+
+def _write_corpus(paths: list[Path], files: list[Path], tok_json: bytes, out: Path,
+                  vocab_size: int, *, workers: int, shard_tokens: int, val_fraction: float,
+                  test_fraction: float, progress: bool) -> dict[str, Any]:
+    """Tokenize the corpus into the empty directory ``out``; returns the metadata, which the
+    caller writes (``meta.json`` marks the directory complete)."""
+    dtype = token_dtype(vocab_size)
     sizes = [f.stat().st_size for f in files]
-    clear_outputs(out, SPLITS)
-    out.mkdir(parents=True, exist_ok=True)
     (out / TOKENIZER_FILENAME).write_bytes(tok_json)
     tmp = out / TMP_TOKENS_FILENAME
     try:
         his, los, lens = [], [], []
         total = 0
         with open(tmp, "wb", buffering=1 << 20) as f, tqdm(
-            total=sum(sizes), unit="B", unit_scale=True, desc="tokenize", disable=not progress,
+            total=sum(sizes), unit="B", unit_scale=True, desc="tokenize", disable=_quiet(progress),
             mininterval=1.0, dynamic_ncols=True,
         ) as bar:
             n_docs = 0
@@ -416,7 +458,7 @@ def prepare_corpus(
         indexes: dict[str, dict[str, Any]] = {}
         counts = np.zeros(vocab_size, dtype=np.int64)
         with tqdm(total=total, unit="tok", unit_scale=True, desc="write shards",
-                  disable=not progress, mininterval=1.0, dynamic_ncols=True) as bar:
+                  disable=_quiet(progress), mininterval=1.0, dynamic_ncols=True) as bar:
             for name, order in parts.items():
                 writer = SplitWriter(out / name, dtype, int(shard_tokens),
                                       vocab_size if name == "train" else None)
@@ -446,7 +488,6 @@ def prepare_corpus(
         "inputs": [str(p) for p in paths],
         "input_files": len(files),
         "source": ", ".join(str(p) for p in paths),
-        "fingerprint": fingerprint,
+        "fingerprint": None,
     }
-    write_meta(out, meta)
     return meta

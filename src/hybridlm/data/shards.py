@@ -19,8 +19,9 @@ Each document is encoded and followed by the end-of-text id, so a split of ``D``
 holds exactly ``D`` end-of-text tokens (unless a text contains the literal marker).
 
 * :class:`SplitWriter` packs the documents of one split into its shards and writes its
-  ``index.json`` and ``doc_offsets.npy``; :func:`write_meta` marks the directory complete and
-  :func:`clear_outputs` removes an earlier preparation;
+  ``index.json`` and ``doc_offsets.npy``; :func:`write_meta` marks the directory complete
+  (the writers build it in a temporary directory moved into place, see
+  :mod:`hybridlm.outputs`, so an earlier preparation is only replaced whole);
 * :func:`load_prepared` opens a prepared directory; ``.split(name)`` is a
   :class:`~hybridlm.data.stream.TokenStream` over the split's shards.
 
@@ -39,7 +40,6 @@ from typing import Any
 
 import numpy as np
 
-from .corpus import SPLITS
 from .stream import TokenStream
 from .tokenizer import TOKENIZER_FILENAME, Tokenizer
 
@@ -158,29 +158,6 @@ def read_meta(out: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None
-
-
-def clear_outputs(out: Path, splits: Iterable[str]) -> None:
-    """Remove what an earlier preparation wrote in ``out``; ``meta.json`` goes first, so an
-    interruption never leaves a directory that looks complete."""
-    old = read_meta(out)
-    (out / META_FILENAME).unlink(missing_ok=True)
-    if not out.is_dir():
-        return
-    names = set(splits) | set(SPLITS)
-    if old is not None:
-        names |= {str(s) for s in old.get("splits", []) if isinstance(s, str)}
-    for name in sorted(names):
-        if not name or "/" in name or name.startswith("."):
-            continue
-        (out / f"{name}.bin").unlink(missing_ok=True)  # format 1 layout
-        split_dir = out / name
-        if split_dir.is_dir():
-            for path in [*split_dir.glob("shard_*.bin"), split_dir / INDEX_FILENAME,
-                         split_dir / DOC_OFFSETS_FILENAME]:
-                path.unlink(missing_ok=True)
-    for name in (COUNTS_FILENAME, TMP_TOKENS_FILENAME):
-        (out / name).unlink(missing_ok=True)
 
 
 def check_split_names(names: Iterable[str]) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from hybridlm.outputs import staged_file
+
 EOS_TOKEN = "<|endoftext|>"
 EOS_TOKEN_ID = 0
 MIN_VOCAB_SIZE = 258  # 256 byte symbols + <|endoftext|> + at least one merge
@@ -84,14 +86,15 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> Path:
         """Write the tokenizer as JSON to ``path``: a ``*.json`` file, or else a directory
-        (created if needed) that receives ``tokenizer.json``.
+        (created if needed) that receives ``tokenizer.json``. The file is written whole
+        beside its place and then moved there, so an interrupted save leaves the old one.
 
         Returns the path of the written file.
         """
         path = Path(path)
         file = path if path.suffix == ".json" else path / TOKENIZER_FILENAME
-        file.parent.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(file))
+        with staged_file(file) as staging:
+            self._tok.save(str(staging))
         return file
 
     # ------------------------------------------------------------------ properties

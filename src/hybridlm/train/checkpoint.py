@@ -12,7 +12,6 @@ as it was; `latest_checkpoint` never returns a temporary directory. Only the las
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from hybridlm.checkpoint import load_weights
+from hybridlm.outputs import move_into_place
 
 STATE_NAME = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -101,9 +101,7 @@ def save_checkpoint(
         if not sharded:
             payload["optimizer"] = optimizer.state_dict()
         torch.save(payload, tmp / STATE_NAME)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        move_into_place(tmp, final)  # a checkpoint of the same step: replaced, never lost
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if dist is not None:

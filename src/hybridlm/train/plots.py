@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hybridlm.outputs import PLOTS, claim_output, staged_dir
 from hybridlm.train.metrics import METRICS_FILE, read_metrics
 
 
@@ -151,7 +152,15 @@ def plot_run(run_dir: str | os.PathLike[str],
     if not records:
         raise ValueError(f"cannot plot {run_dir}: {METRICS_FILE} holds no step records")
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
-    out.mkdir(parents=True, exist_ok=True)
+    # Plots are redrawn from the metrics, so earlier plots are replaced (whole, once the new
+    # ones are drawn); a directory holding anything but PNGs is refused.
+    claim_output(out, PLOTS, overwrite=True, flag="")
+    with staged_dir(out, replace=True) as staging:
+        written = _draw_all(records, staging)
+    return [out / path.name for path in written]
+
+
+def _draw_all(records: list[dict[str, Any]], out: Path) -> list[Path]:
     written: list[Path] = []
     _plot_loss(records, out / "loss.png", written)
     _line_plot(records, "lr", "Learning rate", "learning rate", out / "lr.png", written)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from hybridlm.data.tokenizer import EOS_TOKEN, Tokenizer
+from hybridlm.outputs import write_text_atomic
 
 CHAT_TEMPLATE_FILE = "chat_template.json"
 ROLES = ("system", "user", "assistant")
@@ -113,11 +114,10 @@ class ChatTemplate:
             raise ValueError(f"{file}: {err}") from None
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``chat_template.json`` into ``directory`` (created if needed); returns it."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        file = directory / CHAT_TEMPLATE_FILE
-        file.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        """Write ``chat_template.json`` into ``directory`` (created if needed), whole: an
+        interrupted save leaves the earlier file; returns it."""
+        file = Path(directory) / CHAT_TEMPLATE_FILE
+        write_text_atomic(file, json.dumps(self.to_dict(), indent=2) + "\n")
         return file
 
     # --- rendering ---

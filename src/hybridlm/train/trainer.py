@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import signal
 import time
 import warnings
@@ -30,6 +29,7 @@ from hybridlm.config import ModelConfig
 from hybridlm.data import WindowSampler, iter_eval_windows, load_prepared
 from hybridlm.layers.moe import causal_routing
 from hybridlm.model import HybridLM, count_targets
+from hybridlm.outputs import claim_run_dir, copy_file_atomic, staged_file
 from hybridlm.train.checkpoint import (
     checkpoint_step,
     latest_checkpoint,
@@ -305,16 +305,19 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext,
     `reschedule`: a resumed run may change `steps` (and with it the LR schedule)."""
     cfg.validate()
     cfg.accumulation_steps(ctx.world_size)
+    # A run writes as it goes, so --out is checked before anything else: a new run needs a
+    # new or empty directory, --resume a run with a checkpoint; never one of the run's inputs.
+    sources = {"--model" if cfg.task == "sft" else "init_from": cfg.init_from, "--data": cfg.data}
+    out = claim_run_dir(cfg.out, resume=resume, checkpoint=latest_checkpoint(cfg.out),
+                        inputs={label: path for label, path in sources.items() if path})
+    ctx.barrier()  # every rank has looked at --out before rank 0 writes into it
     inputs = _sft_inputs(cfg) if cfg.task == "sft" else _pretrain_inputs(cfg)
     limit = inputs.model.config.max_position_embeddings
     if cfg.seq_len > limit:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
                          f"{limit}")
-    out = Path(cfg.out)
     checkpoint = latest_checkpoint(out)
     if resume:
-        if checkpoint is None:
-            raise ValueError(f"--resume: {out} holds no checkpoint to resume from")
         from hybridlm.train.config import load_train_config
 
         saved = load_train_config(out / CONFIG_FILE)
@@ -329,17 +332,26 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext,
         inputs.checkpoint = checkpoint
     elif reschedule:
         raise ValueError("--reschedule only applies with --resume")
-    elif checkpoint is not None:
-        raise ValueError(
-            f"{out} already holds checkpoints ({checkpoint.name}); pass --resume to continue "
-            "it or choose another --out (nothing was overwritten)"
-        )
     if inputs.chat_template is not None:  # the fine-tuned model keeps its chat template
-        if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            inputs.chat_template.save(out)
-        inputs.extra_files.append(out / CHAT_TEMPLATE_FILE)
+        inputs.extra_files.append(out / CHAT_TEMPLATE_FILE)  # written with train_config.json
     return inputs
+
+
+def write_run_files(out: Path, cfg: TrainConfig, inputs: RunInputs) -> None:
+    """train_config.json (first: it marks the directory as a run) and the chat template, each
+    written whole (a resumed run rewrites them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with staged_file(out / CONFIG_FILE) as staging:
+        cfg.save(staging)
+    if inputs.chat_template is not None:
+        inputs.chat_template.save(out)
+
+
+def copy_final_model(final: Path, out: Path, extra_files: list[Path]) -> None:
+    """Make the run dir a loadable model dir: the last checkpoint's files, each copied whole
+    (a kill mid-copy leaves the earlier file), weights last."""
+    for name in (*(p.name for p in extra_files), "config.json", "model.safetensors"):
+        copy_file_atomic(final / name, out / name)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, reschedule: bool = False) -> TrainResult:
@@ -358,10 +370,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool,
     model, batches, checkpoint = inputs.model, inputs.batches, inputs.checkpoint
     device = resolve_device(cfg.device, ctx)
     out = Path(cfg.out)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / CONFIG_FILE)
     model = model.to(device).train()
+    if ctx.is_main:  # only now, with every check passed, does the run dir get written
+        write_run_files(out, cfg, inputs)
     plain: HybridLM = model
     loss_causal = plain.is_causal  # recorded with every step: see warn_if_training_loss_not_causal
     if ctx.is_main:
@@ -458,8 +469,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool,
     seconds = time.perf_counter() - t0
     final = latest_checkpoint(out)
     if ctx.is_main and final is not None:  # the run dir itself is a loadable model dir
-        for name in ("config.json", "model.safetensors", *(p.name for p in inputs.extra_files)):
-            shutil.copyfile(final / name, out / name)
+        copy_final_model(final, out, inputs.extra_files)
     done_steps = step + 1 if stopped != "finished" or cfg.steps > start_step else start_step
     return TrainResult(
         steps=done_steps, train_loss=loss_value, val_loss=val_loss, seconds=seconds,
