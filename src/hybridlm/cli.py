@@ -23,7 +23,9 @@ from hybridlm.config import PRESETS
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from hybridlm.data import Tokenizer, load_documents, split_documents
+    from hybridlm.data.tokenizer import check_vocab_size
 
+    check_vocab_size(args.vocab_size)  # before reading a corpus that may be large
     as_file = claim_tokenizer_out(args.out, args.input, args.overwrite)
     docs = split_documents(load_documents(args.input))["train"]
     tokenizer = Tokenizer.train((d.text for d in docs), vocab_size=args.vocab_size)
@@ -123,10 +125,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from hybridlm.data import Tokenizer
+    from hybridlm.infer.generate import check_sampling_args
     from hybridlm.model import HybridLM
 
+    # Refuse bad flags before loading a model that may take a while.
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if not 0 <= args.seed < 2**64:
+        raise ValueError(f"--seed {args.seed} must lie in [0, 2**64)")
     model = HybridLM.from_pretrained(args.model).eval()
     tokenizer = Tokenizer.from_file(args.model)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"{args.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {model.config.vocab_size}: the tokenizer.json there is not the one "
+            "the model was trained with"
+        )
     stop_strings = None
     if args.chat:  # render the prompt as a user turn with the model's chat template
         from hybridlm.train.sft_data import ChatTemplate
@@ -259,22 +272,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(err: OSError) -> str:
+    """'Permission denied: runs/x/tokenizer.json' rather than "[Errno 13] Permission denied:
+    'runs/x/tokenizer.json'"; errors of our own (no errno) keep their message."""
+    if err.strerror is None:
+        return str(err)
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    return f"{err.strerror}: {' -> '.join(paths)}" if paths else err.strerror
+
+
+def one_line(message: str) -> str:
+    """Some messages (YAML's parse errors) span lines; the error stays one line."""
+    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def run_reporting_errors(func, args: argparse.Namespace, name: str) -> int:
-    """Run a command; bad input (or a run stopped by non-finite losses) ends in one line on
-    stderr and exit code 2, not a traceback."""
+    """Run a command; bad input, an unreadable or unwritable path (OSError: permissions, a
+    full disk, a missing file) or a run stopped by non-finite losses ends in one line on
+    stderr and exit code 2, not a traceback. Ctrl-C ends in one line and exit code 130.
+    Anything else is a bug and keeps its traceback."""
     from hybridlm.train.trainer import NonFiniteError
 
     try:
         func(args)
-    except (ValueError, FileNotFoundError, NonFiniteError) as err:
-        print(f"hybridlm {name}: error: {err}", file=sys.stderr)
+    except OSError as err:  # the environment, not the code: name the path and stop
+        print(f"hybridlm {name}: error: {one_line(describe_os_error(err))}", file=sys.stderr)
         return 2
+    except (ValueError, NonFiniteError) as err:
+        print(f"hybridlm {name}: error: {one_line(str(err))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hybridlm {name}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_reporting_errors(args.func, args, args.command)
+    name = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    return run_reporting_errors(args.func, args, name)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from hybridlm.data import (
     split_documents,
     unigram_loss,
 )
+from hybridlm.data.tokenizer import check_vocab_size
 from hybridlm.model import HybridLM
 from hybridlm.outputs import (
     DEMO,
@@ -101,6 +102,9 @@ def run_demo(out: str, steps: int, max_minutes: float, vocab_size: int = 8192,
         lr=3e-3, warmup_steps=max(1, steps // 20), eval_every=max(1, steps // 4),
         eval_batches=8, checkpoint_every=max(1, steps // 2), max_minutes=max_minutes,
     )
+    # Bad flags are refused before the corpus is read and a tokenizer trained (a minute).
+    cfg.validate()
+    check_vocab_size(vocab_size)
     claim_demo(out_dir, overwrite)
     prepare_demo_data(out_dir, vocab_size, overwrite)
     print(f"[demo] training preset 'tiny' (Zipf token routing) for up to {steps} steps "

@@ -156,6 +156,11 @@ def test_prepare_errors(tmp_path: Path, small_tokenizer: Tokenizer) -> None:
 def test_load_prepared_errors(tmp_path: Path, prepared_dir: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not found"):
         load_prepared(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"is not a prepared data directory \(no "
+                                                r"meta\.json, no splits\)"):
+        load_prepared(tmp_path)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "index.json").write_text("{}")
     with pytest.raises(FileNotFoundError,
                        match=r"meta\.json missing: preparation did not finish.*"
                              r"token_counts\.npy, tokenizer\.json"):

@@ -20,7 +20,7 @@ class ScriptedModel:
 
     def __init__(self, scripts: list[list[int]], eos: int, vocab: int) -> None:
         self.scripts, self.eos, self.vocab = scripts, eos, vocab
-        self.config = SimpleNamespace(max_position_embeddings=512)
+        self.config = SimpleNamespace(max_position_embeddings=512, vocab_size=vocab)
         self.training = False
         self.prompt_length = 0
 

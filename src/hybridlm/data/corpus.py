@@ -67,34 +67,69 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _read_jsonl(path: Path, default_source: str) -> Iterator[tuple[Document, int]]:
-    """Documents of a JSON-lines file, each with the number of file bytes read so far."""
+def unreadable_text(path: Path, err: Exception, where: str = "") -> ValueError:
+    """The one-line error for a corpus file that cannot be read as (xz-compressed) UTF-8
+    text: `err` is what decoding raised, `where` says how far reading got."""
+    if isinstance(err, UnicodeDecodeError):
+        what = (f"is not UTF-8 text (byte 0x{err.object[err.start]:02x}{where}): a binary "
+                "file, or text in another encoding")
+    elif isinstance(err, EOFError):
+        what = f"is truncated: the xz stream ends early{where}"
+    else:  # lzma.LZMAError
+        what = f"is not a valid xz file ({err}{where})"
+    return ValueError(f"{path} {what}")
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, int]]:
+    """(line number, line, file bytes read so far) of a .jsonl or .jsonl.xz file; a file that
+    is not UTF-8, or a damaged or truncated xz stream, raises ValueError naming the file."""
+    lineno = 0
     with open(path, "rb") as raw:
         stream = lzma.open(raw) if path.name.endswith(".xz") else raw
         with io.TextIOWrapper(stream, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise ValueError(
-                        f"{path}:{lineno}: expected an object with a string 'text' field"
-                    )
-                doc = Document(
-                    id=str(obj.get("id", f"{_stem(path)}-{lineno}")),
-                    text=obj["text"],
-                    source=str(obj.get("source", default_source)),
-                    title=str(obj.get("title", "")),
-                )
-                yield doc, raw.tell()
+            try:
+                for lineno, line in enumerate(f, start=1):
+                    yield lineno, line, raw.tell()
+            except (UnicodeDecodeError, EOFError, lzma.LZMAError) as err:
+                where = f", after line {lineno}" if lineno else ""
+                raise unreadable_text(path, err, where) from None
+
+
+def _describe_record(obj: object) -> str:
+    if not isinstance(obj, dict):
+        return f"a JSON {type(obj).__name__}"
+    if "text" not in obj:
+        return f"an object without 'text' (keys: {sorted(obj)[:8]})"
+    return f"'text' of type {type(obj['text']).__name__}"
+
+
+def _read_jsonl(path: Path, default_source: str) -> Iterator[tuple[Document, int]]:
+    """Documents of a JSON-lines file, each with the number of file bytes read so far."""
+    for lineno, line, pos in _jsonl_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' "
+                             f"field, got {_describe_record(obj)}")
+        doc = Document(
+            id=str(obj.get("id", f"{_stem(path)}-{lineno}")),
+            text=obj["text"],
+            source=str(obj.get("source", default_source)),
+            title=str(obj.get("title", "")),
+        )
+        yield doc, pos
 
 
 def _read_txt(path: Path, doc_id: str, source: str) -> Document:
-    return Document(id=doc_id, text=path.read_text(encoding="utf-8"), source=source,
-                    title=path.stem)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise unreadable_text(path, err, f" at offset {err.start}") from None
+    return Document(id=doc_id, text=text, source=source, title=path.stem)
 
 
 def _as_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:

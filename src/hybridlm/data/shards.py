@@ -187,6 +187,65 @@ def check_shard_tokens(shard_tokens: int) -> None:
 
 
 # ---------------------------------------------------------------------- reading
+_AGAIN = "(run `hybridlm data prepare` again)"
+_TOKEN_DTYPES = ("uint16", "uint32")
+
+
+def _damaged(path: Path, problem: str) -> ValueError:
+    return ValueError(f"{path} is damaged: {problem} {_AGAIN}")
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file of a prepared directory; anything else raises ValueError naming it."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(path, f"not JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise _damaged(path, f"a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    """The fields of meta.json that reading relies on."""
+    splits = meta.get("splits")
+    if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+        raise _damaged(path, f"'splits' must be a list of names, got {splits!r}")
+    if meta.get("dtype") not in _TOKEN_DTYPES:
+        raise _damaged(path, f"'dtype' must be one of {list(_TOKEN_DTYPES)}, got "
+                             f"{meta.get('dtype')!r}")
+    if not _is_count(meta.get("vocab_size")) or meta["vocab_size"] < 1:
+        raise _damaged(path, f"'vocab_size' must be a positive integer, got "
+                             f"{meta.get('vocab_size')!r}")
+    tokens = meta.get("tokens")
+    if not isinstance(tokens, dict) or not all(_is_count(tokens.get(s)) for s in splits):
+        raise _damaged(path, f"'tokens' must give a token count for each of {splits}, got "
+                             f"{tokens!r}")
+
+
+def _check_index(index: dict[str, Any], path: Path) -> None:
+    """An index.json's shard list: plain file names with token counts."""
+    shards = index.get("shards")
+    ok = isinstance(shards, list) and all(
+        isinstance(s, dict) and isinstance(s.get("file"), str) and "/" not in s["file"]
+        and "\\" not in s["file"] and _is_count(s.get("num_tokens")) for s in shards)
+    if not ok:
+        raise _damaged(path, "'shards' must be a list of {file, num_tokens} entries")
+
+
+def _load_array(path: Path) -> np.ndarray:
+    """A .npy file of a prepared directory (never a pickle); a damaged one raises ValueError
+    naming it."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as err:  # numpy's errors for a foreign or truncated file
+        raise _damaged(path, f"not a readable .npy array ({err})") from None
+
+
 @dataclass
 class PreparedData:
     """A prepared directory. Use :func:`load_prepared` to open one."""
@@ -220,7 +279,12 @@ class PreparedData:
     def token_counts(self) -> np.ndarray:
         """int64 array (vocab_size,): occurrences of each token id in the train split."""
         if self._counts is None:
-            self._counts = np.load(self.out_dir / COUNTS_FILENAME)
+            path = self.out_dir / COUNTS_FILENAME
+            counts = _load_array(path)
+            if counts.shape != (self.vocab_size,) or not np.issubdtype(counts.dtype, np.integer):
+                raise _damaged(path, f"expected {self.vocab_size} integer counts (vocab_size), "
+                                     f"found shape {counts.shape} of {counts.dtype}")
+            self._counts = counts
         return self._counts
 
     def _check_split(self, name: str) -> None:
@@ -235,7 +299,10 @@ class PreparedData:
             shards = [{"file": f"{name}.bin", "num_tokens": n}] if n else []
             return {"dtype": self.dtype.name, "num_tokens": n,
                     "num_documents": int(self.meta["documents"][name]), "shards": shards}
-        return json.loads((self.out_dir / name / INDEX_FILENAME).read_text(encoding="utf-8"))
+        path = self.out_dir / name / INDEX_FILENAME
+        index = _read_json_object(path)
+        _check_index(index, path)
+        return index
 
     def split(self, name: str) -> TokenStream:
         """Read-only :class:`TokenStream` (N,) over the token ids of split ``name``."""
@@ -262,7 +329,7 @@ class PreparedData:
                 f"{self.out_dir} uses the single-file layout without document offsets; "
                 "prepare it again"
             )
-        return np.load(self.out_dir / name / DOC_OFFSETS_FILENAME)
+        return _load_array(self.out_dir / name / DOC_OFFSETS_FILENAME)
 
     def load_tokenizer(self) -> Tokenizer:
         return Tokenizer.from_file(self.tokenizer_path)
@@ -275,26 +342,36 @@ def load_prepared(out_dir: str | Path) -> PreparedData:
     Raises:
         FileNotFoundError: the directory or any of its files is missing (all are named;
             a missing ``meta.json`` means the preparation did not finish).
-        ValueError: unreadable ``meta.json``, a newer format, or a shard of the wrong size.
+        ValueError: a file instead of a directory; a damaged ``meta.json`` or ``index.json``
+            (not JSON, or fields that reading relies on missing or of the wrong type), a newer
+            format, or a shard of the wrong size.
     """
     out = Path(out_dir)
+    if out.is_file():
+        raise ValueError(f"{out} is a file, not a prepared data directory: make one from it "
+                         "with `hybridlm data prepare`")
     if not out.is_dir():
         raise FileNotFoundError(f"prepared data directory not found: {out}")
-    again = "(run `hybridlm data prepare` again)"
+    again = _AGAIN
     missing = [name for name in (COUNTS_FILENAME, TOKENIZER_FILENAME)
                if not (out / name).is_file()]
+    if not (out / META_FILENAME).is_file() and not (out / COUNTS_FILENAME).exists() \
+            and not any(out.glob(f"*/{INDEX_FILENAME}")):
+        raise FileNotFoundError(f"{out} is not a prepared data directory (no {META_FILENAME}, "
+                                "no splits): make one with `hybridlm data prepare`")
     if not (out / META_FILENAME).is_file():
         also = f"; also missing: {', '.join(missing)}" if missing else ""
         raise FileNotFoundError(
             f"prepared data in {out} is incomplete: {META_FILENAME} missing: preparation did "
             f"not finish{also} {again}"
         )
-    try:
-        meta = json.loads((out / META_FILENAME).read_text(encoding="utf-8"))
-        version = int(meta.get("format_version", 1))
-        splits = [str(s) for s in meta["splits"]]
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{out / META_FILENAME} is not valid prepared-data metadata") from err
+    meta = _read_json_object(out / META_FILENAME)
+    version = meta.get("format_version", 1)
+    if not _is_count(version):
+        raise _damaged(out / META_FILENAME, f"'format_version' must be an integer, got "
+                                            f"{version!r}")
+    _check_meta(meta, out / META_FILENAME)
+    splits = meta["splits"]
     if version > FORMAT_VERSION:
         raise ValueError(
             f"{out} has format version {version}; this hybridlm reads up to {FORMAT_VERSION}"
@@ -310,7 +387,8 @@ def load_prepared(out_dir: str | Path) -> PreparedData:
                 missing.append(f"{name}/{fname}")
         if not (out / name / INDEX_FILENAME).is_file():
             continue
-        index = json.loads((out / name / INDEX_FILENAME).read_text(encoding="utf-8"))
+        index = _read_json_object(out / name / INDEX_FILENAME)
+        _check_index(index, out / name / INDEX_FILENAME)
         for shard in index["shards"]:
             path = out / name / shard["file"]
             if not path.is_file():

@@ -22,6 +22,17 @@ MIN_VOCAB_SIZE = 258  # 256 byte symbols + <|endoftext|> + at least one merge
 TOKENIZER_FILENAME = "tokenizer.json"
 
 
+def check_vocab_size(vocab_size: int) -> None:
+    """Raise ValueError unless ``vocab_size`` can hold the bytes, eos and a merge; callers
+    check it before reading a corpus, not after."""
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) \
+            or vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 bytes + {EOS_TOKEN} + "
+            f"at least one merge), got {vocab_size!r}"
+        )
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer with ``<|endoftext|>`` as id 0.
 
@@ -51,11 +62,7 @@ class Tokenizer:
         Raises:
             ValueError: ``vocab_size`` < 258 or ``min_frequency`` < 1.
         """
-        if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
-            raise ValueError(
-                f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 bytes + {EOS_TOKEN} + "
-                f"at least one merge), got {vocab_size!r}"
-            )
+        check_vocab_size(vocab_size)
         if not isinstance(min_frequency, int) or min_frequency < 1:
             raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
         backend = _HFTokenizer(models.BPE())
@@ -77,12 +84,28 @@ class Tokenizer:
 
         Raises:
             FileNotFoundError: no tokenizer file at ``path``.
+            ValueError: the file is not a tokenizer (damaged, truncated, another format) or
+                lacks ``<|endoftext|>`` at id 0.
         """
         path = Path(path)
         file = path / TOKENIZER_FILENAME if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {file}")
-        return cls(_HFTokenizer.from_file(str(file)))
+        damaged = f"{file} is not a readable tokenizer file: it is damaged or not a tokenizer.json"
+        try:  # read here, so that an unreadable file is an OSError naming it
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{damaged} (not UTF-8 text)") from None
+        try:
+            backend = _HFTokenizer.from_str(text)
+        except Exception as err:
+            if type(err) is not Exception:  # only the bare Exception the tokenizers library
+                raise  # raises for text it cannot parse
+            raise ValueError(f"{damaged} ({err})") from None
+        try:
+            return cls(backend)
+        except ValueError as err:
+            raise ValueError(f"{file}: {err}") from None
 
     def save(self, path: str | Path) -> Path:
         """Write the tokenizer as JSON to ``path``: a ``*.json`` file, or else a directory

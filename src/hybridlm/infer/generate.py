@@ -5,6 +5,7 @@ Glossary: B batch, T0 prompt length, V vocab.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -19,9 +20,17 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). Greedy when do_sample is False."""
+    if torch.isnan(logits).any():  # greedy would pick an arbitrary token, sampling fails
+        raise ValueError("the model's logits are NaN, so there is no next token to pick: its "
+                         "weights hold NaN or infinities, or its activations overflowed")
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shift the best logit to 0 before dividing: a tiny temperature then sends the others
+    # to -inf (greedy in the limit) instead of overflowing every logit to +-inf (NaN).
+    # A temperature below float32's smallest normal would become 0 in the division (0/0).
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -67,12 +76,14 @@ def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut]
 
 
-def _check_args(max_new_tokens: int, temperature: float, top_k: int | None,
-                top_p: float | None) -> None:
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None,
+                        top_p: float | None) -> None:
+    """Raise ValueError naming the first argument that `generate` cannot use."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0 (use do_sample=False for greedy)")
+    if not (math.isfinite(temperature) and temperature > 0):  # NaN compares false
+        raise ValueError(f"temperature={temperature} must be a finite number > 0 (for greedy "
+                         "decoding: do_sample=False, or --greedy on the command line)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k} must be >= 1 or None")
     if top_p is not None and not 0 < top_p <= 1:
@@ -100,7 +111,7 @@ def generate(
     generated text contains one of them; the output keeps the tokens up to the one that
     completed it (cut the text with `cut_at_stop_strings`). Stopped rows are padded with
     eos_token_id, which is then required."""
-    _check_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     stop = None
     if stop_strings is not None:
         stop = StopStrings(stop_strings, tokenizer)

@@ -12,6 +12,7 @@ as it was; `latest_checkpoint` never returns a temporary directory. Only the las
 
 from __future__ import annotations
 
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hybridlm.checkpoint import load_weights
+from hybridlm.checkpoint import CheckpointError, load_weights
 from hybridlm.outputs import move_into_place
 
 STATE_NAME = "trainer_state.pt"
@@ -109,16 +110,40 @@ def save_checkpoint(
     return final
 
 
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint directory (step, RNG, counters and, unless the model
+    was sharded, the optimizer). A damaged file raises CheckpointError naming it, so a resume
+    can be refused before it writes anything."""
+    file = Path(path) / STATE_NAME
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as err:
+        # torch raises these for a truncated, empty or foreign file; their text is long
+        raise CheckpointError(
+            f"{file} is damaged or unreadable ({type(err).__name__}); move {Path(path).name} "
+            "aside to resume from the checkpoint before it"
+        ) from None
+    missing = sorted({"step", "rng"} - set(state)) if isinstance(state, dict) else ["step"]
+    if missing:
+        raise CheckpointError(f"{file} is not a trainer state: it lacks {missing}")
+    return state
+
+
 def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: Any = None
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: Any = None,
+    state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Restore model and optimizer in place from a checkpoint; returns the trainer state."""
+    """Restore model and optimizer in place from a checkpoint; returns the trainer state.
+    `state`: the checkpoint's trainer state if already read (`read_trainer_state`); its
+    optimizer and RNG entries are consumed (popped), so the caller holds no second copy."""
     path = Path(path)
-    state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    state = read_trainer_state(path) if state is None else state
     if dist is not None and dist.sharded:
         dist.load_sharded(model, optimizer, path / "dcp")
     else:
         load_weights(dist.unwrap(model) if dist else model, path)
+        if "optimizer" not in state:
+            raise CheckpointError(f"{path / STATE_NAME} holds no optimizer state")
         optimizer.load_state_dict(state.pop("optimizer"))
     set_rng_state(state.pop("rng"))
     return state

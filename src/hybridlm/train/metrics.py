@@ -88,16 +88,26 @@ def _scalars(key: str, value: Any) -> list[tuple[str, float]]:
 
 
 def _parse_lines(path: Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl; a torn final line (crash mid-write) is ignored."""
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    """Records of a metrics.jsonl; a torn final line (crash mid-write) is ignored. A file
+    that is not UTF-8 JSON objects, one per line, raises ValueError naming the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}): not a metrics "
+                         "log, or a damaged one") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     records = []
     for n, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             if n == len(lines) - 1:
                 break
             raise ValueError(f"{path}: line {n + 1} is not valid JSON: {err}") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {n + 1} is a JSON {type(record).__name__}, not "
+                             "a record object")
+        records.append(record)
     return records
 
 
@@ -154,7 +164,8 @@ class MetricsLogger:
         if not self.path.is_file():
             self.path.write_text("")
             return
-        kept = [r for r in _parse_lines(self.path) if int(r.get("step", 0)) <= resume_step]
+        kept = [r for r in _parse_lines(self.path) if not _is_number(r.get("step"))
+                or r["step"] <= resume_step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)

@@ -143,6 +143,10 @@ def plot_run(run_dir: str | os.PathLike[str],
     Returns the written PNG paths. Raises ValueError when metrics.jsonl is missing or empty.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "is a file" if run_dir.exists() else "does not exist"
+        raise ValueError(f"cannot plot {run_dir}: it {what}; give a run directory (the --out "
+                         "of `hybridlm train`)")
     try:
         records = read_metrics(run_dir)
     except FileNotFoundError as err:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -102,10 +102,15 @@ class ChatTemplate:
         file = path / CHAT_TEMPLATE_FILE if path.is_dir() else path
         if path.is_dir() and not file.exists():
             return cls()
+        if file.exists() and not file.is_file():
+            raise ValueError(f"chat template {file} is not a file")
         if not file.is_file():
             raise FileNotFoundError(f"chat template not found: {file}")
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{file}: not UTF-8 text (byte {err.start}): a damaged "
+                             "chat_template.json") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{file}: invalid JSON ({err})") from None
         try:
@@ -205,25 +210,42 @@ def record_to_messages(record: Any) -> list[Message]:
     )
 
 
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file; a file that is not UTF-8 (binary, compressed)
+    raises ValueError naming it."""
+    line_no = 0
+    with path.open(encoding="utf-8") as f:
+        try:
+            for line_no, line in enumerate(f, start=1):
+                yield line_no, line
+        except UnicodeDecodeError:
+            hint = " (compressed? SFT data is read as plain .jsonl)" \
+                if path.suffix in (".xz", ".gz", ".zst", ".bz2") else ""
+            where = f" after line {line_no}" if line_no else ""
+            raise ValueError(f"{path}: not UTF-8 text{where}: a binary file or another "
+                             f"encoding{hint}") from None
+
+
 def read_sft_records(path: str | Path) -> list[list[Message]]:
     """Conversations of a .jsonl file, in file order. Bad records raise ValueError naming the
     file and line; a missing file raises FileNotFoundError, one without records ValueError."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"SFT data {path} is a directory; give a .jsonl file of records")
     if not path.is_file():
         raise FileNotFoundError(f"SFT data file not found: {path}")
     conversations = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {line_no}: invalid JSON ({err})") from None
-            try:
-                conversations.append(record_to_messages(record))
-            except ValueError as err:
-                raise ValueError(f"{path}, line {line_no}: {err}") from None
+    for line_no, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {line_no}: invalid JSON ({err})") from None
+        try:
+            conversations.append(record_to_messages(record))
+        except ValueError as err:
+            raise ValueError(f"{path}, line {line_no}: {err}") from None
     if not conversations:
         raise ValueError(f"{path}: no records (the file is empty)")
     return conversations

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from hybridlm.checkpoint import load_config
 from hybridlm.config import ModelConfig
 from hybridlm.data import WindowSampler, iter_eval_windows, load_prepared
 from hybridlm.layers.moe import causal_routing
@@ -34,11 +35,12 @@ from hybridlm.train.checkpoint import (
     checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
+    read_trainer_state,
     save_checkpoint,
 )
 from hybridlm.train.config import TrainConfig
 from hybridlm.train.distributed import DistContext, init_distributed, shutdown, wrap
-from hybridlm.train.metrics import MetricsLogger
+from hybridlm.train.metrics import METRICS_FILE, MetricsLogger, read_metrics
 from hybridlm.train.optim import build_optimizer
 from hybridlm.train.schedule import describe_lrs, lr_multiplier
 from hybridlm.train.sft_data import CHAT_TEMPLATE_FILE
@@ -65,12 +67,36 @@ class NonFiniteError(RuntimeError):
     """Raised when too many steps in a row had a non-finite loss or gradient."""
 
 
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
 def resolve_device(name: str, ctx: DistContext) -> torch.device:
+    """The device of `name` (one of DEVICES; "auto" is cuda when there is one, else cpu);
+    under torchrun "cuda" is the rank's local GPU. Raises ValueError for another name or a
+    device this machine lacks."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and ctx.initialized:
-        return torch.device("cuda", ctx.local_rank)
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message for "gpu7" lists device types we do not train on
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={name!r} is not one of {DEVICES}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None \
+                else "torch sees no CUDA GPU"
+            raise ValueError(f"device={name!r}: {why}; use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device={name!r}: this machine has {count} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+        if device.index is None and ctx.initialized:
+            return torch.device("cuda", ctx.local_rank)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name!r}: MPS is not available on this machine; use --device "
+                         "cpu (or auto)")
+    return device
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, token_counts) -> HybridLM:
@@ -229,10 +255,17 @@ class RunInputs:
     extra_files: list[Path]  # copied next to every saved model (tokenizer, chat template)
     checkpoint: Path | None  # where a resumed run continues from
     chat_template: Any = None  # SFT: saved into the run dir and next to every saved model
+    trainer_state: dict[str, Any] | None = None  # of `checkpoint`, read while checking
 
 
 def _pretrain_inputs(cfg: TrainConfig) -> RunInputs:
     data = load_prepared(cfg.data)
+    # The run copies this tokenizer next to every saved model: a damaged one would leave
+    # models that cannot be used, so it must load and match the data's vocabulary.
+    tokenizer_size = data.load_tokenizer().vocab_size
+    if tokenizer_size != data.vocab_size:
+        raise ValueError(f"{data.tokenizer_path} has {tokenizer_size} tokens but the data was "
+                         f"prepared with vocab_size={data.vocab_size}: prepare it again")
     train_tokens = data.split("train")
     if len(train_tokens) < cfg.seq_len:
         raise ValueError(
@@ -259,6 +292,7 @@ def _sft_inputs(cfg: TrainConfig) -> RunInputs:
 
     if cfg.init_from is None:
         raise ValueError("task='sft' needs init_from: the model directory to fine-tune")
+    load_config(cfg.init_from)  # "not a model directory" comes before "no tokenizer there"
     tokenizer = Tokenizer.from_file(cfg.init_from)
     template = ChatTemplate.load(cfg.init_from)
     rows, stats = load_sft_dataset(cfg.data, tokenizer, template, cfg.seq_len)
@@ -305,6 +339,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext,
     `reschedule`: a resumed run may change `steps` (and with it the LR schedule)."""
     cfg.validate()
     cfg.accumulation_steps(ctx.world_size)
+    resolve_device(cfg.device, ctx)  # a device this machine lacks is refused before any work
     # A run writes as it goes, so --out is checked before anything else: a new run needs a
     # new or empty directory, --resume a run with a checkpoint; never one of the run's inputs.
     sources = {"--model" if cfg.task == "sft" else "init_from": cfg.init_from, "--data": cfg.data}
@@ -327,6 +362,10 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext,
                 f"--resume: the config differs from the saved run in fields that matter: {diffs}"
             )
         change = check_resumed_length(cfg, saved, checkpoint_step(checkpoint), reschedule)
+        # Damaged files the resume reads are refused here, before the run dir changes.
+        inputs.trainer_state = read_trainer_state(checkpoint)
+        if (out / METRICS_FILE).is_file():
+            read_metrics(out)
         if change is not None and ctx.is_main:
             print(f"[resume] rescheduled: {change}")
         inputs.checkpoint = checkpoint
@@ -385,7 +424,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool,
     state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0}
     start_step = 0
     if checkpoint is not None:
-        state.update(load_checkpoint(checkpoint, model, optimizer, ctx))
+        state.update(load_checkpoint(checkpoint, model, optimizer, ctx,
+                                     state=inputs.trainer_state))
         start_step = state.pop("step")
     micro = cfg.per_rank_micro_batch(ctx.world_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
