@@ -7,6 +7,7 @@ a trained run), usually a copy with one file damaged, and runs the real `hybridl
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import lzma
@@ -23,6 +24,7 @@ import torch
 import cli_errors
 from cli_errors import assert_one_line_error, run_cli
 from hybridlm import HybridLM, ModelConfig
+from hybridlm.checkpoint import load_config
 from hybridlm.train import TrainConfig, train
 
 RUN_MODEL = {"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64,
@@ -232,6 +234,12 @@ def _(w, t):  # the binary input would be the error if the corpus were read firs
     return tokenizer_train(t, write(t, "blob.txt", BINARY), "--vocab-size", "10")
 
 
+@bad_input("tokenizer train: --vocab-size 10**11 (the trainer would abort out of memory)",
+           "vocab_size", "at most 1048576", "got 100000000000")
+def _(w, t):
+    return tokenizer_train(t, w.corpus, "--vocab-size", str(10**11))
+
+
 # --- data prepare ------------------------------------------------------------------------------
 # (A --out that a failed preparation leaves as it was belongs to the output policy's tests.)
 @bad_input("data prepare: a model dir whose tokenizer.json is truncated", "tokenizer.json",
@@ -388,6 +396,24 @@ def _(w, t):
 def _(w, t):
     run = damaged(w.run, t, "checkpoints/step_00000001/trainer_state.pt",
                   torch_bytes({"hello": 1}))
+    return resume_args(w, run), [run, w.data]
+
+
+@bad_input("train --resume: a truncated model.safetensors in the checkpoint",
+           "step_00000001/model.safetensors", "damaged or unreadable")
+def _(w, t):
+    run = damaged(w.run, t, "checkpoints/step_00000001/model.safetensors", half)
+    return resume_args(w, run), [run, w.data]
+
+
+@bad_input("train --resume: a checkpoint of another model's shapes",
+           "step_00000001/model.safetensors", "does not match config.json", "wrong shapes")
+def _(w, t):
+    run = copy_of(w.run, t)
+    config = load_config(run / "checkpoints" / "step_00000001")
+    HybridLM(dataclasses.replace(config, hidden_size=64)).save_pretrained(t / "other")
+    shutil.copyfile(t / "other" / "model.safetensors",
+                    run / "checkpoints" / "step_00000001" / "model.safetensors")
     return resume_args(w, run), [run, w.data]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from hybridlm.config import ModelConfig
@@ -80,20 +80,39 @@ def load_weights(model: HybridLM, directory: str | Path) -> None:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} is damaged or unreadable: {err}") from err
-    expected = _tensors_to_save(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    _check_shapes(weights, {name: tuple(t.shape) for name, t in state.items()}, model)
+    model.load_state_dict(state, strict=False)
+
+
+def check_weights(model: HybridLM, directory: str | Path) -> None:
+    """What `load_weights` would refuse (a missing, damaged or truncated file; names or shapes
+    that do not match the model), found from the file's header without reading a tensor: a
+    resume checks its checkpoint this way before it writes anything."""
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing")
+    try:  # the header is checked against the file's size: a truncated file fails here
+        with safe_open(str(weights), framework="pt") as file:
+            shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights} is damaged or unreadable: {err}") from err
+    _check_shapes(weights, shapes, model)
+
+
+def _check_shapes(weights: Path, found: dict[str, tuple[int, ...]], model: HybridLM) -> None:
+    """Every tensor name and shape of `weights` against the model's, all problems at once."""
+    expected = {name: tuple(t.shape) for name, t in _tensors_to_save(model).items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     wrong_shape = sorted(
-        f"{name}: file {tuple(state[name].shape)} vs model {tuple(expected[name].shape)}"
-        for name in set(expected) & set(state)
-        if state[name].shape != expected[name].shape
+        f"{name}: file {found[name]} vs model {expected[name]}"
+        for name in set(expected) & set(found) if found[name] != expected[name]
     )
     if missing or unexpected or wrong_shape:
         raise CheckpointError(
             f"{weights} does not match {CONFIG_NAME}: missing tensors {missing}, "
             f"unexpected tensors {unexpected}, wrong shapes {wrong_shape}"
         )
-    model.load_state_dict(state, strict=False)
 
 
 def load_model(

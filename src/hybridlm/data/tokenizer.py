@@ -19,18 +19,24 @@ from hybridlm.outputs import staged_file
 EOS_TOKEN = "<|endoftext|>"
 EOS_TOKEN_ID = 0
 MIN_VOCAB_SIZE = 258  # 256 byte symbols + <|endoftext|> + at least one merge
+# Far above any useful vocabulary; the trainer allocates for the requested size up front, so a
+# mistyped 10**11 aborts the process (out of memory) instead of raising.
+MAX_VOCAB_SIZE = 2**20
 TOKENIZER_FILENAME = "tokenizer.json"
 
 
 def check_vocab_size(vocab_size: int) -> None:
-    """Raise ValueError unless ``vocab_size`` can hold the bytes, eos and a merge; callers
-    check it before reading a corpus, not after."""
+    """Raise ValueError unless ``vocab_size`` can hold the bytes, eos and a merge and is at
+    most MAX_VOCAB_SIZE; callers check it before reading a corpus, not after."""
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) \
             or vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(
             f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 bytes + {EOS_TOKEN} + "
             f"at least one merge), got {vocab_size!r}"
         )
+    if vocab_size > MAX_VOCAB_SIZE:  # the BPE trainer allocates for the whole vocabulary
+        raise ValueError(f"vocab_size must be at most {MAX_VOCAB_SIZE} (2**20), got "
+                         f"{vocab_size}")
 
 
 class Tokenizer:
@@ -60,7 +66,7 @@ class Tokenizer:
             min_frequency: minimum pair count for a merge.
 
         Raises:
-            ValueError: ``vocab_size`` < 258 or ``min_frequency`` < 1.
+            ValueError: ``vocab_size`` outside [258, 2**20] or ``min_frequency`` < 1.
         """
         check_vocab_size(vocab_size)
         if not isinstance(min_frequency, int) or min_frequency < 1:

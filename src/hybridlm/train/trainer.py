@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hybridlm.checkpoint import load_config
+from hybridlm.checkpoint import check_weights, load_config
 from hybridlm.config import ModelConfig
 from hybridlm.data import WindowSampler, iter_eval_windows, load_prepared
 from hybridlm.layers.moe import causal_routing
@@ -364,6 +364,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext,
         change = check_resumed_length(cfg, saved, checkpoint_step(checkpoint), reschedule)
         # Damaged files the resume reads are refused here, before the run dir changes.
         inputs.trainer_state = read_trainer_state(checkpoint)
+        check_weights(inputs.model, checkpoint)
         if (out / METRICS_FILE).is_file():
             read_metrics(out)
         if change is not None and ctx.is_main:
