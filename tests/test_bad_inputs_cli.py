@@ -783,6 +783,18 @@ def test_ctrl_c_is_one_line_and_exit_130(world, capsys, monkeypatch):
     assert code == 130 and err.strip() == "hybridlm plot: interrupted"
 
 
+def test_tokenizer_workers_leave_ctrl_c_to_the_command(world):
+    """Ctrl-C reaches every process of the group: `data prepare`'s workers ignore it (the
+    command stops the pool and says so in one line) instead of each printing a traceback."""
+    import signal
+
+    from hybridlm.data.prepare import _init_worker, _mp_context
+
+    with _mp_context().Pool(1, initializer=_init_worker,
+                            initargs=(str(world.model / "tokenizer.json"), "uint16")) as pool:
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+
+
 def test_a_tiny_temperature_samples_like_greedy(world, capsys):
     """1e-300 underflows float32: the sampler must not divide by zero (NaN probabilities)."""
     outputs = []

@@ -17,6 +17,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -232,6 +233,9 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer_file: str, dtype: str) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the pool and reports it in one
+    # line, so a worker must not die of it with a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One process per core already: keep the tokenizer's own thread pool out of the way.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["tokenizer"] = Tokenizer.from_file(tokenizer_file)
