@@ -783,6 +783,18 @@ def test_ctrl_c_is_one_line_and_exit_130(world, capsys, monkeypatch):
     assert code == 130 and err.strip() == "hybridlm plot: interrupted"
 
 
+def test_a_closed_stdout_ends_quietly_with_141(capsys, monkeypatch):
+    """`hybridlm presets | head -1`: the reader went away; no error line, no traceback."""
+    import hybridlm.cli
+
+    def print_into_closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(hybridlm.cli, "cmd_presets", print_into_closed_pipe)
+    code, _, err = run_cli(["presets"], capsys)
+    assert code == 141 and err == ""
+
+
 def test_tokenizer_workers_leave_ctrl_c_to_the_command(world):
     """Ctrl-C reaches every process of the group: `data prepare`'s workers ignore it (the
     command stops the pool and says so in one line) instead of each printing a traceback."""

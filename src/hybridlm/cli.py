@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -286,15 +287,27 @@ def one_line(message: str) -> str:
     return "; ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
+def stop_writing_stdout() -> None:
+    """Python flushes stdout at exit: into a closed pipe that would raise once more."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (captured, or already closed)
+        pass
+
+
 def run_reporting_errors(func, args: argparse.Namespace, name: str) -> int:
     """Run a command; bad input, an unreadable or unwritable path (OSError: permissions, a
     full disk, a missing file) or a run stopped by non-finite losses ends in one line on
-    stderr and exit code 2, not a traceback. Ctrl-C ends in one line and exit code 130.
-    Anything else is a bug and keeps its traceback."""
+    stderr and exit code 2, not a traceback. Ctrl-C ends in one line and exit code 130; a
+    closed stdout (`| head`) in silence and exit code 141. Anything else is a bug and keeps
+    its traceback."""
     from hybridlm.train.trainer import NonFiniteError
 
     try:
         func(args)
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
+        stop_writing_stdout()
+        return 141  # 128 + SIGPIPE, as a tool killed by the closed pipe reports
     except OSError as err:  # the environment, not the code: name the path and stop
         print(f"hybridlm {name}: error: {one_line(describe_os_error(err))}", file=sys.stderr)
         return 2
