@@ -212,6 +212,13 @@ def _(w, t):
     return tokenizer_train(t, write(t, "c.jsonl", '{"text": 5}\n'))
 
 
+@bad_input("tokenizer train: a lone surrogate escape in a text", "c.jsonl:2",
+           "lone surrogate \\ud800")
+def _(w, t):  # valid JSON, but no tokenizer takes it (an escaped emoji pair is fine: line 1)
+    return tokenizer_train(t, write(t, "c.jsonl", '{"text": "\\ud83d\\ude00"}\n'
+                                                  '{"text": "a \\ud800 b"}\n'))
+
+
 @bad_input("tokenizer train: an empty input", "empty.jsonl", "no non-empty documents")
 def _(w, t):
     return tokenizer_train(t, write(t, "empty.jsonl", ""))
@@ -472,6 +479,13 @@ def _(w, t):
     return sft_args(w.model, write(t, "s.jsonl", "[1]\n"), t), [w.model, t / "out"]
 
 
+@bad_input("sft: a lone surrogate escape in a record", "s.jsonl, line 1",
+           "lone surrogate \\udfff")
+def _(w, t):
+    records = write(t, "s.jsonl", '{"prompt": "a \\uDFFF", "response": "b"}\n')
+    return sft_args(w.model, records, t), [w.model, t / "out"]
+
+
 @bad_input("sft: an empty data file", "empty.jsonl", "no records")
 def _(w, t):
     return sft_args(w.model, write(t, "empty.jsonl", "\n"), t), [w.model, t / "out"]
@@ -568,6 +582,13 @@ for flag, value, words in [
 ]:
     bad_input(f"generate: {flag} {value}", *words)(
         lambda w, t, flag=flag, value=value: (generate_args(w.model, flag, value), [w.model]))
+
+
+@bad_input("generate: a --prompt of bytes that are not UTF-8", "--prompt", "not UTF-8")
+def _(w, t):  # how Python hands such bytes over in argv (surrogateescape)
+    return ["generate", "--model", w.model, "--prompt", b"caf\xe9".decode("utf-8",
+                                                                          "surrogateescape")], \
+        [w.model]
 
 
 @bad_input("generate: a run's checkpoints directory", "checkpoints/config.json is missing",

@@ -133,6 +133,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     if not 0 <= args.seed < 2**64:
         raise ValueError(f"--seed {args.seed} must lie in [0, 2**64)")
+    try:  # bytes that are not UTF-8 reach argv as lone surrogates, which no tokenizer takes
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("--prompt holds bytes that are not UTF-8 text (is the terminal set "
+                         "to another encoding?)") from None
     model = HybridLM.from_pretrained(args.model).eval()
     tokenizer = Tokenizer.from_file(args.model)
     if tokenizer.vocab_size > model.config.vocab_size:

@@ -95,6 +95,19 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str, int]]:
                 raise unreadable_text(path, err, where) from None
 
 
+def lone_surrogate(line: str, obj: object) -> str | None:
+    """The first lone UTF-16 surrogate (an escape like \\ud800 without its pair) in the strings
+    of `obj`, parsed from the JSON text `line`: valid JSON, but not Unicode text, and no
+    tokenizer takes it. Only lines holding such an escape are searched."""
+    if "\\ud" not in line and "\\uD" not in line:
+        return None
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"\\u{ord(err.object[err.start]):04x}"
+    return None
+
+
 def _describe_record(obj: object) -> str:
     if not isinstance(obj, dict):
         return f"a JSON {type(obj).__name__}"
@@ -115,6 +128,10 @@ def _read_jsonl(path: Path, default_source: str) -> Iterator[tuple[Document, int
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' "
                              f"field, got {_describe_record(obj)}")
+        surrogate = lone_surrogate(line, obj)
+        if surrogate is not None:
+            raise ValueError(f"{path}:{lineno}: holds the lone surrogate {surrogate}, which is "
+                             "not Unicode text")
         doc = Document(
             id=str(obj.get("id", f"{_stem(path)}-{lineno}")),
             text=obj["text"],
