@@ -556,6 +556,13 @@ def _(w, t):
     return generate_args(model, "--chat"), [model]
 
 
+@bad_input("generate --chat: a marker with a lone surrogate escape", "chat_template.json",
+           "'assistant' holds a lone surrogate")
+def _(w, t):
+    model = damaged(w.model, t, "chat_template.json", '{"assistant": "\\ud800: "}')
+    return generate_args(model, "--chat"), [model]
+
+
 @bad_input("generate --chat: a chat_template.json that is a directory", "chat_template.json",
            "is not a file")
 def _(w, t):

@@ -75,6 +75,11 @@ class ChatTemplate:
                 raise ValueError(f"chat template: {f.name!r} must be a string, got {value!r}")
             if f.name in ROLES and not value:
                 raise ValueError(f"chat template: the {f.name!r} marker must not be empty")
+            try:  # a lone surrogate (an escape like \\ud800 in the JSON) is not text
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"chat template: {f.name!r} holds a lone surrogate, which is "
+                                 "not Unicode text") from None
             if EOS_TOKEN in value:
                 raise ValueError(
                     f"chat template: {f.name!r} must not contain {EOS_TOKEN!r}, which ends "
