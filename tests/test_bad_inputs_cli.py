@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import lzma
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import cli_errors
 from cli_errors import assert_one_line_error, run_cli
 from hybridlm import HybridLM, ModelConfig
 from hybridlm.checkpoint import load_config
+from hybridlm.data import Document, Tokenizer, prepare_dataset
 from hybridlm.train import TrainConfig, train
 
 RUN_MODEL = {"hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64,
@@ -381,6 +383,14 @@ def _(w, t):
 def _(w, t):  # the run would copy it next to every model it saves
     data = damaged(w.data, t, "tokenizer.json", half)
     return train_on(data, t), [data, t / "run"]
+
+
+@bad_input("train: a validation split shorter than one sequence (refused before the run)",
+           "validation split", "has 3 tokens", "seq_len=16")
+def _(w, t):
+    prepare_dataset({"train": [Document("a", "word " * 500)], "validation": [Document("b", "hi")]},
+                    Tokenizer.from_file(w.model), t / "data")
+    return train_on(t / "data", t), [t / "data", t / "run"]
 
 
 @bad_input("train: a run file that is not YAML (one line, however long YAML's message)",
@@ -833,6 +843,21 @@ def test_tokenizer_workers_leave_ctrl_c_to_the_command(world):
     with _mp_context().Pool(1, initializer=_init_worker,
                             initargs=(str(world.model / "tokenizer.json"), "uint16")) as pool:
         assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+
+
+def test_data_prepared_without_a_validation_split_trains(world, tmp_path, capsys):
+    """--val-fraction 0 is allowed, so train must accept its empty validation split (it failed
+    at the first evaluation) and report no held-out loss."""
+    data = tmp_path / "data"
+    code, _, err = run_cli(["data", "prepare", "--input", world.corpus, "--tokenizer",
+                            world.model, "--workers", "1", "--val-fraction", "0", "--out", data],
+                           capsys)
+    assert code == 0, err
+    assert json.loads((data / "meta.json").read_text())["tokens"]["validation"] == 0
+    code, out, err = run_cli(train_on(data, tmp_path, "--set", "progress=false", "--set",
+                                      "model.num_hidden_layers=1"), capsys)
+    assert code == 0, err
+    assert math.isnan(json.loads(out.splitlines()[-1])["val_loss"])
 
 
 def test_a_tiny_temperature_samples_like_greedy(world, capsys):

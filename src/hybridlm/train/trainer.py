@@ -283,6 +283,14 @@ def _pretrain_inputs(cfg: TrainConfig) -> RunInputs:
     # seq_len - 1 tokens after each window's first, so every token is a target exactly once.
     batches = WindowSampler(train_tokens, cfg.seq_len - 1, cfg.global_batch_size, seed=cfg.seed)
     val = data.split("validation") if "validation" in data.splits else None
+    if val is not None and len(val) == 0:
+        val = None  # prepared with --val-fraction 0: the run reports no held-out loss
+    elif val is not None and len(val) < cfg.seq_len:  # refused now, not at the first eval
+        raise ValueError(
+            f"the validation split of {cfg.data} has {len(val)} tokens, fewer than one "
+            f"sequence of seq_len={cfg.seq_len}: prepare it with a larger --val-fraction, or "
+            "use a shorter --seq-len"
+        )
     return RunInputs(model, batches, val, [data.tokenizer_path], None)
 
 
