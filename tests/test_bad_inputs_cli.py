@@ -507,6 +507,14 @@ def _(w, t):
     return sft_args(w.model, records, t), [w.model, t / "out"]
 
 
+@bad_input("sft: every response beyond --seq-len", "packs into 0 rows",
+           "8 of 8 examples have no response token within seq_len=16")
+def _(w, t):
+    records = write(t, "s.jsonl", "".join(json.dumps({"prompt": "word " * 40, "response": "ok"})
+                                          + "\n" for _ in range(8)))
+    return sft_args(w.model, records, t), [w.model, t / "out"]
+
+
 @bad_input("sft: --data a directory", "is a directory", ".jsonl file")
 def _(w, t):
     return sft_args(w.model, w.data, t), [w.model, w.data, t / "out"]

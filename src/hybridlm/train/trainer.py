@@ -309,8 +309,10 @@ def _sft_inputs(cfg: TrainConfig) -> RunInputs:
         raise ValueError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) exceeds the "
                          f"model's vocab_size={model.config.vocab_size}")
     if len(rows) < cfg.global_batch_size:
+        cut = (f" ({stats.skipped} of {stats.examples} examples have no response token within "
+               f"seq_len={cfg.seq_len} and were left out)" if stats.skipped else "")
         raise ValueError(f"{cfg.data} packs into {len(rows)} rows of {cfg.seq_len} tokens, "
-                         f"fewer than global_batch_size={cfg.global_batch_size}")
+                         f"fewer than global_batch_size={cfg.global_batch_size}{cut}")
     print(f"[sft] {stats.to_dict()}")
     batches = SFTBatches(rows, cfg.global_batch_size, cfg.seed)
     return RunInputs(model, batches, None, [Path(cfg.init_from) / "tokenizer.json"], None,
