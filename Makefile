@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= runs/demo
 DEMO_STEPS ?= 400
+# `make demo DEMO_ARGS=--overwrite` trains the demo's model again in an existing $(DEMO_DIR)
+DEMO_ARGS ?=
 
 .PHONY: venv demo test lint clean
 
@@ -25,7 +27,7 @@ lint: venv
 	$(BIN)/ruff check src tests
 
 demo: venv
-	$(BIN)/hybridlm demo --out $(DEMO_DIR) --steps $(DEMO_STEPS)
+	$(BIN)/hybridlm demo --out $(DEMO_DIR) --steps $(DEMO_STEPS) $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -158,6 +158,8 @@ REFUSED = [
     ("demo-data-over-other", lambda w: ["demo", "--out", w.root / "demo3", "--overwrite"],
      ["demo3 already holds files hybridlm did not write (data)", "choose another --out"],
      ["demo3"]),
+    ("demo-data-other-vocab", lambda w: ["demo", "--out", w.root / "demo4"],
+     ["prepared with --vocab-size", "not 8192", "--overwrite"], ["demo4"]),
     ("demo-over-model", lambda w: ["demo", "--out", w.model, "--overwrite"],
      ["holds a model", "choose another --out"], ["model"]),
     ("demo-out-file", lambda w: ["demo", "--out", w.file], ["is an existing file"], ["file"]),
@@ -172,6 +174,7 @@ def demos(w):
     shutil.copytree(w.data, w.root / "demo2" / "data")
     shutil.copytree(w.other, w.root / "demo2" / "model")
     shutil.copytree(w.other, w.root / "demo3" / "data")
+    shutil.copytree(w.data, w.root / "demo4" / "data")  # a demo stopped after its data
     return w
 
 
@@ -241,6 +244,7 @@ def test_sft_writes_a_new_run_beside_its_base_and_resumes(w, tmp_path, capsys):
 
 def test_an_interrupted_demo_keeps_the_earlier_model(demos, tmp_path, monkeypatch):
     import hybridlm.demo
+    from hybridlm.data import load_prepared
 
     demo = tmp_path / "demo"
     shutil.copytree(demos.root / "demo", demo)
@@ -252,7 +256,8 @@ def test_an_interrupted_demo_keeps_the_earlier_model(demos, tmp_path, monkeypatc
 
     monkeypatch.setattr(hybridlm.demo, "train", interrupted_training)
     with pytest.raises(KeyboardInterrupt):
-        hybridlm.demo.run_demo(str(demo), steps=1, max_minutes=1, overwrite=True)
+        hybridlm.demo.run_demo(str(demo), steps=1, max_minutes=1, overwrite=True,
+                               vocab_size=load_prepared(demo / "data").vocab_size)
     assert snapshot(demo) == before
 
 

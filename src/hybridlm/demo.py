@@ -40,16 +40,23 @@ from hybridlm.train.trainer import CONFIG_FILE, TrainResult, evaluate
 
 
 def prepare_demo_data(out: Path, vocab_size: int, overwrite: bool = False) -> Path:
-    """Tokenizer + prepared splits under out/data: complete prepared data there is reused;
-    anything else there is refused (unfinished prepared data is replaced with `overwrite`)."""
+    """Tokenizer + prepared splits under out/data: complete prepared data of the same
+    vocabulary size there is reused; anything else there is refused (replaced with
+    `overwrite`: unfinished data, or data of another vocabulary size)."""
     data_dir = out / "data"
     try:
-        load_prepared(data_dir)
+        found = load_prepared(data_dir).vocab_size
     except (OSError, ValueError):
         claim_output(data_dir, PREPARED, overwrite=overwrite, flag="")
     else:
-        print(f"[demo] reusing prepared data in {data_dir}")
-        return data_dir
+        if found == vocab_size:
+            print(f"[demo] reusing prepared data in {data_dir}")
+            return data_dir
+        if not overwrite:
+            raise OutputError(
+                f"{data_dir} holds the demo's data prepared with --vocab-size {found}, not "
+                f"{vocab_size}; pass --overwrite to prepare it again, or choose another --out")
+        claim_output(data_dir, PREPARED, overwrite=True, flag="")
     t0 = time.perf_counter()
     splits = split_documents(load_documents(DEMO_CORPUS))
     sizes = {name: len(docs) for name, docs in splits.items()}
