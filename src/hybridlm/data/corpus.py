@@ -108,6 +108,20 @@ def lone_surrogate(line: str, obj: object) -> str | None:
     return None
 
 
+def parse_json_line(line: str, where: str) -> object:
+    """One JSON-lines record; invalid JSON or a lone surrogate escape raises ValueError
+    starting with `where` (the file and line)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
+    surrogate = lone_surrogate(line, obj)
+    if surrogate is not None:
+        raise ValueError(f"{where}: holds the lone surrogate {surrogate}, which is not "
+                         "Unicode text")
+    return obj
+
+
 def _describe_record(obj: object) -> str:
     if not isinstance(obj, dict):
         return f"a JSON {type(obj).__name__}"
@@ -121,17 +135,10 @@ def _read_jsonl(path: Path, default_source: str) -> Iterator[tuple[Document, int
     for lineno, line, pos in _jsonl_lines(path):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+        obj = parse_json_line(line, f"{path}:{lineno}")
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' "
                              f"field, got {_describe_record(obj)}")
-        surrogate = lone_surrogate(line, obj)
-        if surrogate is not None:
-            raise ValueError(f"{path}:{lineno}: holds the lone surrogate {surrogate}, which is "
-                             "not Unicode text")
         doc = Document(
             id=str(obj.get("id", f"{_stem(path)}-{lineno}")),
             text=obj["text"],

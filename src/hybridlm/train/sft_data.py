@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hybridlm.data.corpus import lone_surrogate
+from hybridlm.data.corpus import parse_json_line
 from hybridlm.data.tokenizer import EOS_TOKEN, Tokenizer
 from hybridlm.outputs import write_text_atomic
 
@@ -244,14 +244,7 @@ def read_sft_records(path: str | Path) -> list[list[Message]]:
     for line_no, line in _utf8_lines(path):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {line_no}: invalid JSON ({err})") from None
-        surrogate = lone_surrogate(line, record)
-        if surrogate is not None:
-            raise ValueError(f"{path}, line {line_no}: holds the lone surrogate {surrogate}, "
-                             "which is not Unicode text")
+        record = parse_json_line(line, f"{path}, line {line_no}")
         try:
             conversations.append(record_to_messages(record))
         except ValueError as err:
