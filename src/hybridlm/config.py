@@ -25,11 +25,11 @@ from hybridlm.config_check import (
     shorten,
     within,
 )
+from hybridlm.mixer_registry import mixer_letters
 
 MLP_TYPES = ("dense", "token_routed", "moe")
 ROUTINGS = ("modulo", "zipf")
 MU_UPDATES = ("clamp", "ema")
-MIXER_LETTERS = {"A": "GQA attention (mu-guided when use_mu_guidance)", "L": "MLA", "M": "Mamba"}
 MLP_LETTERS = {"D": "dense SwiGLU", "E": "expert MLP of kind mlp_type"}
 MOE_ROUTERS = ("topk", "expert_choice")
 MOE_SCORES = ("softmax", "sigmoid")
@@ -52,7 +52,8 @@ class ModelConfig:
     initializer_range: float = 0.02  # std of the normal init of linear and embedding weights
 
     # --- layer layout: pattern strings tiled over the depth ------------------------------------
-    mixer_pattern: str = "A"  # A = GQA attention, L = MLA, M = Mamba; "AMMMMMMM" = Jamba 1:7
+    mixer_pattern: str = "A"  # A = GQA attention, L = MLA, M = Mamba, or a letter registered in
+    #                           hybridlm.mixer_registry; "AMMMMMMM" = Jamba 1:7
     mlp_pattern: str | None = None  # D = dense, E = expert MLP (mlp_type); None: all E (all D
     #                                 when mlp_type="dense"); "DE" = experts every other layer
     num_experts_per_layer: list[int] | None = None  # experts of each layer (0 on D layers);
@@ -189,7 +190,8 @@ class ModelConfig:
 
     def _validate_layout(self) -> None:
         depth = self.num_hidden_layers
-        for name, letters in (("mixer_pattern", MIXER_LETTERS), ("mlp_pattern", MLP_LETTERS)):
+        # Mixer letters come from the mixer registry, so a registered mixer is accepted here.
+        for name, letters in (("mixer_pattern", mixer_letters()), ("mlp_pattern", MLP_LETTERS)):
             pattern = getattr(self, name)
             if pattern is None and name == "mlp_pattern":
                 continue

@@ -2,7 +2,18 @@ import math
 
 import torch
 
+from hybridlm.config import ModelConfig
 from hybridlm.layers.attention import Attention
+
+
+def make_attention(kv_heads: int, *, qk_norm: bool, mu: bool) -> Attention:
+    """A 32-wide, 4-head GQA mixer with kv_heads key/value heads."""
+    config = ModelConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=kv_heads, intermediate_size=64, use_qk_norm=qk_norm,
+        use_mu_guidance=mu,
+    )
+    return Attention(config, 0)
 
 
 def manual_mha(q, k, v):
@@ -29,7 +40,7 @@ def _project(attn, x, positions):
 
 def test_gqa_with_all_kv_heads_equals_plain_mha():
     torch.manual_seed(0)
-    attn = Attention(32, 4, 4, 10000.0, use_qk_norm=True, use_mu=False)
+    attn = make_attention(4, qk_norm=True, mu=False)
     x = torch.randn(2, 7, 32)
     pos = torch.arange(7)
     q, k, v = _project(attn, x, pos)
@@ -39,7 +50,7 @@ def test_gqa_with_all_kv_heads_equals_plain_mha():
 
 def test_gqa_shares_each_kv_head_across_its_query_group():
     torch.manual_seed(0)
-    attn = Attention(32, 4, 2, 10000.0, use_qk_norm=True, use_mu=False)
+    attn = make_attention(2, qk_norm=True, mu=False)
     x = torch.randn(1, 5, 32)
     pos = torch.arange(5)
     q, k, v = _project(attn, x, pos)
@@ -65,7 +76,7 @@ def decode_in_chunks(attn, x, mu, chunks):
 
 def test_cached_decode_matches_full_forward_token_by_token_and_in_chunks():
     torch.manual_seed(0)
-    attn = Attention(32, 4, 2, 10000.0, use_qk_norm=True, use_mu=True)
+    attn = make_attention(2, qk_norm=True, mu=True)
     x, mu = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
     full = attn(x, positions=torch.arange(9), mu_prev=mu)
     for chunks in ([1] * 9, [4, 1, 3, 1]):
@@ -75,7 +86,7 @@ def test_cached_decode_matches_full_forward_token_by_token_and_in_chunks():
 
 def test_a_cache_that_forgets_the_history_fails_the_parity(break_cache):
     torch.manual_seed(0)
-    attn = Attention(32, 4, 2, 10000.0, use_qk_norm=True, use_mu=True)
+    attn = make_attention(2, qk_norm=True, mu=True)
     x, mu = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
     with torch.no_grad():
         full = attn(x, positions=torch.arange(9), mu_prev=mu)
@@ -87,8 +98,8 @@ def test_a_cache_that_forgets_the_history_fails_the_parity(break_cache):
 
 def test_mu_is_one_fused_projection_of_x_and_mu():
     torch.manual_seed(0)
-    attn = Attention(32, 4, 2, 10000.0, use_qk_norm=False, use_mu=True)
-    plain = Attention(32, 4, 2, 10000.0, use_qk_norm=False, use_mu=False)
+    attn = make_attention(2, qk_norm=False, mu=True)
+    plain = make_attention(2, qk_norm=False, mu=False)
     x, mu = torch.randn(1, 4, 32), torch.randn(1, 4, 32)
     w = attn.qkv_proj.weight
     qkv = attn.qkv_proj(torch.cat([x, mu], -1))

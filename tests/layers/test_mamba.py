@@ -24,7 +24,7 @@ def make_mamba(seed: int = 0, **overrides) -> Mamba:
         mamba_d_conv=CONV, mamba_chunk_size=4,
     )
     torch.manual_seed(seed)
-    return Mamba(ModelConfig(**{**fields, **overrides}))
+    return Mamba(ModelConfig(**{**fields, **overrides}), 0)
 
 
 def run_in_pieces(mamba: Mamba, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:

@@ -18,7 +18,7 @@ def make_mla(seed: int = 0, **overrides) -> MultiHeadLatentAttention:
         mla_rope_dim=DR, max_position_embeddings=64,
     )
     torch.manual_seed(seed)
-    return MultiHeadLatentAttention(ModelConfig(**{**base, **overrides})).eval()
+    return MultiHeadLatentAttention(ModelConfig(**{**base, **overrides}), 0).eval()
 
 
 def reference(mla, q_nope, q_rope, c_kv, k_rope):

@@ -1,4 +1,4 @@
-"""Grouped-query attention with QK-norm, RoPE, SDPA, and optional mu guidance.
+"""Grouped-query attention with QK-norm, RoPE, and optional mu guidance.
 
 Mu-Guided attention (Complexity-Deep eq. 7-10): q/k/v = x W + mu_prev W_mu, computed as ONE
 projection of the concatenation [x, mu_prev] (columns [:H] act on x, [H:] on mu_prev).
@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from hybridlm.config import ModelConfig
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import RotaryEmbedding, apply_rope, segment_starts
+from hybridlm.ops import attention
 
 
 @dataclass
@@ -42,28 +43,26 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        num_kv_heads: int,
-        rope_theta: float,
-        use_qk_norm: bool,
-        use_mu: bool,
-        eps: float = 1e-6,
-    ) -> None:
+    """Grouped-query attention, mixer "A" (a `hybridlm.layers.mixers.Mixer`)."""
+
+    reads_mu = True  # mu-guided when config.use_mu_guidance
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        del layer_idx  # every GQA layer is built alike
+        hidden_size, num_heads = config.hidden_size, config.num_attention_heads
+        num_kv_heads, eps = config.num_key_value_heads, config.rms_norm_eps
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = hidden_size // num_heads
-        self.use_mu = use_mu
+        self.use_mu = use_mu = config.use_mu_guidance
         in_features = hidden_size * (2 if use_mu else 1)
         out_features = (num_heads + 2 * num_kv_heads) * self.head_dim
         self.qkv_proj = nn.Linear(in_features, out_features, bias=False)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, eps) if use_qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, eps) if use_qk_norm else None
-        self.rope = RotaryEmbedding(self.head_dim, rope_theta)
+        self.q_norm = RMSNorm(self.head_dim, eps) if config.use_qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps) if config.use_qk_norm else None
+        self.rope = RotaryEmbedding(self.head_dim, config.rope_theta)
 
     def new_cache(
         self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
@@ -104,31 +103,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nkv, S, D)
-        mask_args = (
-            {"attn_mask": segment_mask(segment_ids)} if segment_ids is not None
-            else _causal_mask_args(seq, k.shape[2], q.device)
-        )
-        y = F.scaled_dot_product_attention(
-            q, k, v, **mask_args, enable_gqa=nkv != nh
-        )  # (B, nh, T, D)
+        mask = segment_mask(segment_ids) if segment_ids is not None else None
+        y = attention(q, k, v, attn_mask=mask)  # (B, nh, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, nh * d))
-
-
-def _causal_mask_args(num_queries: int, num_keys: int, device: torch.device) -> dict:
-    """Causal masking aligned at the BOTTOM-right: query i sits at key position S - T + i.
-
-    SDPA's `is_causal=True` aligns the mask top-left, which is only right when T == S; with a
-    cache it would let a decoded token see key 0 alone. So is_causal is used for T == S only,
-    no mask for a single decoded token, and an explicit mask otherwise.
-    """
-    if num_queries == num_keys:
-        return {"is_causal": True}
-    if num_queries == 1:
-        return {}
-    offset = num_keys - num_queries
-    query_pos = torch.arange(num_queries, device=device)[:, None] + offset
-    key_pos = torch.arange(num_keys, device=device)[None, :]
-    return {"attn_mask": key_pos <= query_pos}  # (T, S) bool, True = attend
 
 
 def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:

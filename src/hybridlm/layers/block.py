@@ -8,10 +8,13 @@ with mu flowing between layers and an optional PiD-style scaler on the residual:
     h_out = h + s * delta,  s = scaler(h + delta, mu, mu_prev)   (s = 1 without the scaler)
     h_out = clamp(h_out, -C, C)                # optional activation clamping
 
-Mu across a mixed stack: only GQA attention ("A") reads mu. A block produces a new mu only
-if its mixer reads mu AND a later block reads it; every other block carries mu_prev through
-unchanged. So mu flows from attention layer to attention layer, across any Mamba or MLA layers
-in between, and no mu parameter exists that nothing downstream uses.
+The mixer is built from its mixer_pattern letter through the mixer registry (layers/mixers.py).
+
+Mu across a mixed stack: only mixers with reads_mu (GQA attention, "A") read mu. A block
+produces a new mu only if its mixer reads mu AND a later block reads it; every other block
+carries mu_prev through unchanged. So mu flows from attention layer to attention layer,
+across any Mamba or MLA layers in between, and no mu parameter exists that nothing downstream
+uses.
 
 Glossary: B batch, T tokens, H hidden.
 """
@@ -24,9 +27,7 @@ import torch
 from torch import nn
 
 from hybridlm.config import ModelConfig
-from hybridlm.layers.attention import Attention
-from hybridlm.layers.mamba import Mamba
-from hybridlm.layers.mla import MultiHeadLatentAttention
+from hybridlm.layers.mixers import build_mixer, mixer_reads_mu
 from hybridlm.layers.mlp import DenseMLP
 from hybridlm.layers.moe import MoEMLP
 from hybridlm.layers.mu import MuUpdate
@@ -36,20 +37,9 @@ from hybridlm.layers.token_routed import TokenRoutedMLP
 
 
 def mu_reading_layers(config: ModelConfig) -> list[bool]:
-    """Which layers' mixers read mu (GQA attention, when mu guidance is on)."""
-    return [config.use_mu_guidance and m == "A" for m in config.layer_mixers]
-
-
-def build_mixer(config: ModelConfig, layer: int) -> nn.Module:
-    c = config
-    letter = c.layer_mixers[layer]
-    if letter == "A":
-        return Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-                         c.rope_theta, c.use_qk_norm, use_mu=mu_reading_layers(c)[layer],
-                         eps=c.rms_norm_eps)
-    if letter == "L":
-        return MultiHeadLatentAttention(c)
-    return Mamba(c)
+    """Which layers' mixers read mu (those with reads_mu, e.g. GQA attention, when mu guidance
+    is on)."""
+    return [config.use_mu_guidance and mixer_reads_mu(m) for m in config.layer_mixers]
 
 
 def build_mlp(config: ModelConfig, layer: int) -> nn.Module:
@@ -97,9 +87,8 @@ class Block(nn.Module):
         """h (B, T, H), mu_prev (B, T, H) or None, prev_input (B, T, H): the previous block's
         input (ScMoE only) -> (h_out, mu for the next block, mlp stats). segment_ids (B, T):
         packed rows, handed to the mixer (positions are then (B, T))."""
-        mixer_kwargs = {"segment_ids": segment_ids} if segment_ids is not None else {}
         a = self.mixer(self.mixer_norm(h), positions=positions, cache=cache, mu_prev=mu_prev,
-                       **mixer_kwargs)
+                       segment_ids=segment_ids)
         mlp_in = self.mlp_norm(h + a)
         if self.uses_shortcut:
             shortcut = self.mlp_norm(prev_input if prev_input is not None else h)

@@ -45,8 +45,13 @@ class MambaCache:
 
 
 class Mamba(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """Mamba-1 selective SSM, mixer "M" (a `hybridlm.layers.mixers.Mixer`)."""
+
+    reads_mu = False
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        del layer_idx  # every Mamba layer is built alike
         hidden = config.hidden_size
         self.inner = inner = config.mamba_inner_size
         self.d_state = n = config.mamba_d_state

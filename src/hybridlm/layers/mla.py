@@ -10,7 +10,7 @@ q_rope per head and one k_rope shared by every head. Scores are
 (q_nope . k_nope + q_rope . k_rope) / sqrt(d + dr).
 
 Two equivalent ways to attend:
-- plain: expand K (B, nh, S, d+dr) and V (B, nh, S, d) from the latent, then SDPA;
+- plain: expand K (B, nh, S, d+dr) and V (B, nh, S, d) from the latent, then attend;
 - absorbed (decode, `mla_absorb`): fold W_uk into the query and W_uv into the output, so
   attention runs directly over the cached latent and K/V are never formed.
 
@@ -24,13 +24,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybridlm.config import ModelConfig
-from hybridlm.layers.attention import _causal_mask_args, segment_mask
+from hybridlm.layers.attention import segment_mask
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import RotaryEmbedding, apply_rope
+from hybridlm.ops import attention
 
 
 @dataclass
@@ -67,8 +67,13 @@ class MLACache:
 
 
 class MultiHeadLatentAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """Multi-head latent attention, mixer "L" (a `hybridlm.layers.mixers.Mixer`)."""
+
+    reads_mu = False
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        del layer_idx  # every MLA layer is built alike
         hidden, nh = config.hidden_size, config.num_attention_heads
         self.num_heads = nh
         self.head_dim = d = hidden // nh
@@ -159,10 +164,8 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = k_rope.unsqueeze(1).expand(-1, nh, -1, -1)  # (B, nh, S, dr), one key for all
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, nh, T, d+dr)
         k = torch.cat([k_nope, k_rope], dim=-1)  # (B, nh, S, d+dr)
-        # SDPA allows the q/k width (d+dr) to differ from the value width (d).
-        return F.scaled_dot_product_attention(
-            q, k, v, **_mask_args(mask, q.shape[2], seq_k, q.device), scale=self.scale
-        )
+        # The q/k width (d+dr) may differ from the value width (d).
+        return attention(q, k, v, attn_mask=mask, scale=self.scale)
 
     def _attend_absorbed(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
@@ -185,17 +188,9 @@ class MultiHeadLatentAttention(nn.Module):
         v = c_kv.unsqueeze(1)  # (B, 1, S, r)
         batch, seq_k = c_kv.shape[0], c_kv.shape[1]
         # expand is a stride-0 view: no per-head copy of the latent.
-        o_lat = F.scaled_dot_product_attention(
+        o_lat = attention(
             q, k.expand(batch, nh, seq_k, -1), v.expand(batch, nh, seq_k, -1),
-            **_mask_args(mask, q.shape[2], seq_k, q.device), scale=self.scale,
+            attn_mask=mask, scale=self.scale,
         )  # (B, nh, T, r)
         return torch.einsum("bhtr,hdr->bhtd", o_lat, w_uv)  # (B, nh, T, d)
 
-
-def _mask_args(
-    mask: torch.Tensor | None, num_queries: int, num_keys: int, device: torch.device
-) -> dict:
-    """SDPA masking: the packed-row mask when given, else bottom-right causal."""
-    if mask is not None:
-        return {"attn_mask": mask}
-    return _causal_mask_args(num_queries, num_keys, device)

@@ -7,6 +7,7 @@ implementation stays in one place and layers never import triton or CUDA code di
 
 from __future__ import annotations
 
+from hybridlm.ops.attention import attention
 from hybridlm.ops.reference import grouped_swiglu, sort_by_expert
 from hybridlm.ops.selective_scan import (
     selective_scan_chunked,
@@ -15,6 +16,7 @@ from hybridlm.ops.selective_scan import (
 )
 
 __all__ = [
+    "attention",
     "grouped_swiglu",
     "selective_scan_chunked",
     "selective_scan_sequential",
