@@ -27,12 +27,10 @@ from hybridlm.config import ModelConfig
 from hybridlm.layers.attention import Attention
 from hybridlm.layers.mamba import Mamba
 from hybridlm.layers.mla import MultiHeadLatentAttention
-from hybridlm.layers.mlp import DenseMLP
-from hybridlm.layers.moe import MoEMLP
+from hybridlm.layers.mlp_registry import build_mlp
 from hybridlm.layers.mu import MuUpdate
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.scaler import DynamicScaler
-from hybridlm.layers.token_routed import TokenRoutedMLP
 
 
 def mu_reading_layers(config: ModelConfig) -> list[bool]:
@@ -52,18 +50,6 @@ def build_mixer(config: ModelConfig, layer: int) -> nn.Module:
     return Mamba(c)
 
 
-def build_mlp(config: ModelConfig, layer: int) -> nn.Module:
-    c = config
-    experts = c.experts_in_layer(layer)
-    if experts == 0:
-        return DenseMLP(c.hidden_size, c.intermediate_size)
-    if c.mlp_type == "token_routed":
-        expert_width = c.intermediate_size // experts
-        shared = (c.shared_expert_intermediate_size or expert_width) if c.shared_expert else None
-        return TokenRoutedMLP(c.hidden_size, expert_width, experts, c.vocab_size, shared)
-    return MoEMLP(c, experts)
-
-
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -81,7 +67,7 @@ class Block(nn.Module):
         self.scaler = DynamicScaler(c.scaler_bias_init) if c.use_dynamic_scaler else None
         self.activation_clamp = c.activation_clamp
         # ScMoE (shortcut-connected MoE): the routed experts read the previous block's input.
-        self.uses_shortcut = c.moe_shortcut and isinstance(self.mlp, MoEMLP)
+        self.uses_shortcut = c.moe_shortcut and getattr(self.mlp, "reads_shortcut", False)
 
     def forward(
         self,
