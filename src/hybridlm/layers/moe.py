@@ -3,9 +3,9 @@
     y = shared(x) + sum over routed slots (n, e) of  w[n, e] * Expert_e(x_routed[n])
 
 A router only decides the slots (token, expert, weight), as a `Routing` (layers/routing.py);
-`GroupedExperts` computes them, so every routing shares one expert implementation. `x_routed` is x itself, or with ScMoE the
-previous block's normalised input (`shortcut`): the routed experts and the router read it
-while the shared experts read x.
+`GroupedExperts` computes them, so every routing shares one expert implementation.
+`x_routed` is x itself, or with ScMoE the previous block's normalised input (`shortcut`): the
+routed experts and the router read it while the shared experts read x.
 
 Routers (config.moe_router):
   topk           each token picks its k best experts (Switch k=1, Mixtral k=2). An optional
