@@ -23,7 +23,6 @@ from torch import nn
 
 from hybridlm.config import ModelConfig
 from hybridlm.layers.block import Block, mu_reading_layers
-from hybridlm.layers.experts import GroupedExperts
 from hybridlm.layers.moe import causal_routing
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import segment_positions, segment_starts
@@ -84,10 +83,8 @@ class HybridLM(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-            elif isinstance(module, GroupedExperts):
-                nn.init.normal_(module.w_gate, 0.0, std)
-                nn.init.normal_(module.w_up, 0.0, std)
-                nn.init.normal_(module.w_down, 0.0, out_std)
+            elif hasattr(module, "init_stacked_weights"):  # e.g. GroupedExperts
+                module.init_stacked_weights(std, out_std)
         # Second pass: our own modules with a special init (mu at zero, the scaler's bias,
         # Mamba's A and dt) override the generic init of their Linear children above.
         for module in self.modules():

@@ -104,9 +104,9 @@ def train(model: HybridLM, steps: int = 8) -> list[float]:
 def per_token_loop(mlp: HashMoE, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """The obvious definition: each token through its two experts, one at a time."""
     ex, out = mlp.experts, torch.zeros_like(x)
-    for n, (token, choice) in enumerate(zip(token_ids, mlp.router.choices(token_ids))):
+    for n, choice in enumerate(mlp.router.choices(token_ids)):
         weights = mlp.router.logit[choice].softmax(-1)
-        for e, w in zip(choice.tolist(), weights):
+        for e, w in zip(choice.tolist(), weights, strict=True):
             out[n] += w * (F.silu(x[n] @ ex.w_gate[e]) * (x[n] @ ex.w_up[e]) @ ex.w_down[e])
     return out
 

@@ -46,6 +46,14 @@ class GroupedExperts(nn.Module):
         y.index_add_(0, token_of_slot, y_sorted)
         return y, counts
 
+    @torch.no_grad()
+    def init_stacked_weights(self, std: float, out_std: float) -> None:
+        """Normal(0, std) inputs, Normal(0, out_std) output projection (HybridLM.init_weights
+        calls this: the stacked weights are no nn.Linear its generic init would see)."""
+        nn.init.normal_(self.w_gate, 0.0, std)
+        nn.init.normal_(self.w_up, 0.0, std)
+        nn.init.normal_(self.w_down, 0.0, out_std)
+
     def parameters_per_expert(self) -> int:
         """Parameters of one expert (the stacked weights' slice along the expert axis)."""
         return sum(p[0].numel() for p in self.parameters())
