@@ -30,7 +30,12 @@ from hybridlm.mixer_registry import mixer_letters
 MLP_TYPES = ("dense", "token_routed", "moe")
 ROUTINGS = ("modulo", "zipf")
 MU_UPDATES = ("clamp", "ema")
-MLP_LETTERS = {"D": "dense SwiGLU", "E": "expert MLP of kind mlp_type"}
+# The builders are in layers/mlp_registry.py (register_mlp adds letters here too).
+MLP_LETTERS = {
+    "D": "dense SwiGLU",
+    "T": "token-routed experts",
+    "E": "learned MoE (token-routed when mlp_type='token_routed')",
+}
 MOE_ROUTERS = ("topk", "expert_choice")
 MOE_SCORES = ("softmax", "sigmoid")
 MOE_BALANCES = ("none", "aux_loss", "aux_free", "ema")
@@ -54,8 +59,9 @@ class ModelConfig:
     # --- layer layout: pattern strings tiled over the depth ------------------------------------
     mixer_pattern: str = "A"  # A = GQA attention, L = MLA, M = Mamba, or a letter registered in
     #                           hybridlm.mixer_registry; "AMMMMMMM" = Jamba 1:7
-    mlp_pattern: str | None = None  # D = dense, E = expert MLP (mlp_type); None: all E (all D
-    #                                 when mlp_type="dense"); "DE" = experts every other layer
+    mlp_pattern: str | None = None  # D dense, T token-routed, E learned MoE (token-routed when
+    #                                 mlp_type="token_routed"); None: all E (all D when
+    #                                 mlp_type="dense"); "DE" = experts every other layer
     num_experts_per_layer: list[int] | None = None  # experts of each layer (0 on D layers);
     #                                                 None: num_experts on every E layer
 
@@ -134,9 +140,18 @@ class ModelConfig:
 
     @property
     def layer_mlps(self) -> list[str]:
-        """MLP letter of each layer ("D" or "E")."""
+        """MLP letter of each layer (D, T, E or a registered one; see layer_mlp_kinds)."""
         default = "D" if self.mlp_type == "dense" else "E"
         return _tile(self.mlp_pattern or default, self.num_hidden_layers)
+
+    @property
+    def layer_mlp_kinds(self) -> list[str]:
+        """MLP kind letter of each layer: `layer_mlps` with E read as T under
+        mlp_type="token_routed" (how configs written before T meant it)."""
+        return [self._mlp_kind(letter) for letter in self.layer_mlps]
+
+    def _mlp_kind(self, letter: str) -> str:
+        return "T" if letter == "E" and self.mlp_type == "token_routed" else letter
 
     def experts_in_layer(self, layer: int) -> int:
         """Routed experts of one layer (0 for a dense layer)."""
@@ -178,7 +193,9 @@ class ModelConfig:
                 f"num_key_value_heads={self.num_key_value_heads} must divide "
                 f"num_attention_heads={self.num_attention_heads}"
             )
-        if self.mlp_type == "token_routed" and self.intermediate_size % self.num_experts:
+        mlp_letters = self.mlp_pattern or ("D" if self.mlp_type == "dense" else "E")
+        token_routed = any(self._mlp_kind(letter) == "T" for letter in mlp_letters)
+        if token_routed and self.intermediate_size % self.num_experts:
             raise ConfigError(
                 f"num_experts={self.num_experts} must divide intermediate_size="
                 f"{self.intermediate_size} (token_routed splits the MLP width over the experts)"
@@ -230,13 +247,12 @@ class ModelConfig:
                         f"num_experts_per_layer[{layer}]={count} but layer {layer} is dense "
                         f"(mlp letter D of mlp_pattern={self.mlp_pattern!r}): use 0"
                     )
-                if kind == "E" and count < 1:
+                if kind != "D" and count < 1:
                     raise ConfigError(
                         f"num_experts_per_layer[{layer}]={count!r} must be >= 1 on an expert "
-                        f"layer (mlp letter E of mlp_pattern={self.mlp_pattern!r})"
+                        f"layer (mlp letter {kind} of mlp_pattern={self.mlp_pattern!r})"
                     )
-                if (kind == "E" and self.mlp_type == "token_routed"
-                        and self.intermediate_size % count):
+                if self._mlp_kind(kind) == "T" and self.intermediate_size % count:
                     raise ConfigError(
                         f"num_experts_per_layer[{layer}]={count} must divide "
                         f"intermediate_size={self.intermediate_size}"

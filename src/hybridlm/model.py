@@ -23,12 +23,10 @@ from torch import nn
 
 from hybridlm.config import ModelConfig
 from hybridlm.layers.block import Block, mu_reading_layers
-from hybridlm.layers.experts import GroupedExperts
-from hybridlm.layers.moe import MoEMLP, causal_routing
+from hybridlm.layers.moe import causal_routing
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import segment_positions, segment_starts
-from hybridlm.layers.routing_tables import zipf_routing_table
-from hybridlm.layers.token_routed import TokenRoutedRouter
+from hybridlm.layers.routing import ExpertMLP, LoadBalanced, TokenTableRouted
 
 
 @dataclass
@@ -85,10 +83,8 @@ class HybridLM(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-            elif isinstance(module, GroupedExperts):
-                nn.init.normal_(module.w_gate, 0.0, std)
-                nn.init.normal_(module.w_up, 0.0, std)
-                nn.init.normal_(module.w_down, 0.0, out_std)
+            elif hasattr(module, "init_stacked_weights"):  # e.g. GroupedExperts
+                module.init_stacked_weights(std, out_std)
         # Second pass: our own modules with a special init (mu at zero, the scaler's bias,
         # Mamba's A and dt) override the generic init of their Linear children above.
         for module in self.modules():
@@ -276,54 +272,55 @@ class HybridLM(nn.Module):
             stop_strings=stop_strings, tokenizer=tokenizer,
         )
 
-    # --- routing -------------------------------------------------------------------------------
+    # --- routing (the protocols of layers/routing.py) --------------------------------------
+    def _token_table_mlps(self, caller: str) -> list[TokenTableRouted]:
+        mlps = [m for m in self.modules() if isinstance(m, TokenTableRouted)]
+        if not mlps:
+            raise ValueError(f"{caller}: the model has no token_routed MLP layer")
+        return mlps
+
     def set_routing_table(self, table: torch.Tensor) -> None:
         """Install one token->expert table (V,) in every token-routed layer."""
-        routers = [m for m in self.modules() if isinstance(m, TokenRoutedRouter)]
-        if not routers:
-            raise ValueError("set_routing_table: the model has no token_routed MLP layer")
-        for router in routers:
-            router.set_table(table)
+        for mlp in self._token_table_mlps("set_routing_table"):
+            mlp.set_routing_table(table)
 
     def set_zipf_routing(self, token_counts: torch.Tensor) -> None:
         """Frequency-balanced tables from corpus counts (V,), one per expert count, so layers
         with different numbers of experts each get their own bin packing."""
-        routers = [m for m in self.modules() if isinstance(m, TokenRoutedRouter)]
-        if not routers:
-            raise ValueError("set_zipf_routing: the model has no token_routed MLP layer")
-        counts = torch.zeros(self.config.vocab_size, dtype=torch.float64)
-        given = torch.as_tensor(token_counts, dtype=torch.float64).reshape(-1)
-        if given.numel() > counts.numel():
-            raise ValueError(f"token_counts has {given.numel()} entries but vocab_size="
-                             f"{self.config.vocab_size}")
-        counts[: given.numel()] = given
-        tables: dict[int, torch.Tensor] = {}
-        for router in routers:
-            if router.num_experts not in tables:
-                tables[router.num_experts] = zipf_routing_table(counts, router.num_experts)
-            router.set_table(tables[router.num_experts])
+        memo: dict[int, torch.Tensor] = {}  # expert count -> table, shared by the layers
+        for mlp in self._token_table_mlps("set_zipf_routing"):
+            mlp.set_token_counts(token_counts, memo)
+
+    def fit_routing(self, token_counts: torch.Tensor) -> None:
+        """Give every layer whose configured routing reads the corpus (token-routed with
+        routing="zipf") its table from the corpus counts (V,); other layers are untouched."""
+        memo: dict[int, torch.Tensor] = {}
+        for module in self.modules():
+            if isinstance(module, TokenTableRouted):
+                module.fit_to_corpus(token_counts, memo)
+
+    def _balanced_mlps(self) -> list[LoadBalanced]:
+        return [m for m in self.modules() if isinstance(m, LoadBalanced)]
 
     def discard_balance_loads(self) -> None:
         """Forget the expert loads gathered since the last balance_step (a skipped step)."""
-        for module in self.modules():
-            if isinstance(module, MoEMLP):
-                module.load_since_balance.zero_()
+        for mlp in self._balanced_mlps():
+            mlp.discard_loads()
 
     # --- MoE load balancing ----------------------------------------------------------------
     def balance_step(self, reduce: Callable[[torch.Tensor], None] | None = None) -> None:
-        """Update every MoE layer's balancing state from the expert loads gathered since the
+        """Update every balanced layer's state from the expert loads gathered since the
         last call; call it after every optimizer step. Loads are summed over data-parallel
         ranks first (`reduce`, default: all_reduce when torch.distributed is initialised)."""
         if reduce is None and torch.distributed.is_available() and (
             torch.distributed.is_initialized()
         ):
             reduce = torch.distributed.all_reduce
-        for module in self.modules():
-            if isinstance(module, MoEMLP):
-                load = module.pending_load().clone()
-                if reduce is not None:
-                    reduce(load)
-                module.apply_balance(load)
+        for mlp in self._balanced_mlps():
+            load = mlp.pending_load().clone()
+            if reduce is not None:
+                reduce(load)
+            mlp.apply_balance(load)
 
     # --- sizes ---------------------------------------------------------------------------------
     def num_parameters(self, active: bool = False) -> int:
@@ -333,13 +330,7 @@ class HybridLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         if not active:
             return total
-        inactive = 0.0
-        for block in self.layers:
-            experts = getattr(block.mlp, "experts", None)
-            if isinstance(experts, GroupedExperts):
-                per_expert = sum(p[0].numel() for p in experts.parameters())
-                used = getattr(block.mlp, "active_experts_per_token", 1)
-                inactive += (experts.num_experts - used) * per_expert
+        inactive = sum(m.inactive_parameters() for m in self.modules() if isinstance(m, ExpertMLP))
         return total - round(inactive)
 
     # --- checkpoints ---------------------------------------------------------------------------

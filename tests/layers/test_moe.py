@@ -43,6 +43,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def token_choices(router, x):
+    """A top-k router's Routing (nothing dropped) as expert_ids (N, k), weights (N, k), probs."""
+    routing = router(x)
+    return routing.expert_ids, routing.weights.view_as(routing.expert_ids), routing.probs
+
+
 # --- the obvious definitions, one token at a time ---------------------------------------------
 @torch.no_grad()
 def reference_slots(mlp: MoEMLP, xr: torch.Tensor, cfg: ModelConfig) -> list[tuple]:
@@ -141,7 +147,9 @@ def test_expert_choice_takes_exactly_c_tokens_per_expert(n_tok, factor):
     router = ExpertChoiceRouter(H, E, factor)
     cap = min(max(math.ceil(n_tok * (factor or 1.0) / E), 1), n_tok)
     assert router.capacity(n_tok) == cap
-    token_idx, expert_idx, weights, probs = router(torch.randn(n_tok, H))
+    routing = router(torch.randn(n_tok, H))
+    token_idx, expert_idx, weights, probs = (
+        routing.token_idx, routing.expert_idx, routing.weights, routing.probs)
     assert token_idx.shape == expert_idx.shape == weights.shape == (E * cap,)
     assert torch.bincount(expert_idx, minlength=E).tolist() == [cap] * E
     for e in range(E):  # distinct tokens, the expert's best ones
@@ -163,7 +171,7 @@ def test_capacity_drops_overflow_in_training_only():
     mlp.router.expert_bias.copy_(torch.tensor([0.3, 0.0, 0.0, 0.0]))  # expert 0 overloaded
     x = torch.randn(1, 16, H)
     flat = x.reshape(-1, H)
-    ids = mlp.router(flat)[0][:, 0]
+    ids = mlp.router(flat).expert_ids[:, 0]
     selected = torch.bincount(ids, minlength=E)
     cap = math.ceil(16 * 1 * 1.0 / E)
     assert selected.max() > cap
@@ -240,7 +248,7 @@ def test_capacity_serves_first_choices_before_second_choices():
     cfg = dict(moe_top_k=2, moe_capacity_factor=0.5)
     mlp, x = moe_routed_by(logits, **cfg)
     mlp.train()
-    ids = mlp.router(x[0])[0]
+    ids = mlp.router(x[0]).expert_ids
     assert ids[:, 0].tolist() == [1, 0, 3, 2]  # the construction routes as commented
     assert ids[:, 0].unique().numel() == E  # every first choice fits a capacity of 1 ...
     y, stats = mlp(x)
@@ -258,7 +266,7 @@ def test_capacity_dispatch_equals_a_loop_in_choice_then_position_order(seed):
     mlp.router.expert_bias.copy_(torch.tensor([0.6, 0.3, 0.0, 0.0]))  # overload 0 and 1
     x = torch.randn(2, 10, H)
     flat = x.reshape(-1, H)
-    ids = mlp.router(flat)[0]  # (20, 2)
+    ids = mlp.router(flat).expert_ids  # (20, 2)
     capacity = math.ceil(20 * 2 * 0.75 / E)
     keep = reference_capacity_keep(ids, capacity)
     # The priority matters here: token order would keep a different set of slots.
@@ -294,7 +302,7 @@ def test_aux_loss_formula_and_gradient(score):
     coef = 0.05
     mlp = make_moe(moe_balance="aux_loss", moe_aux_loss_coef=coef, moe_score=score)
     flat = torch.randn(12, H)
-    ids, _, probs = mlp.router(flat)
+    ids, _, probs = token_choices(mlp.router, flat)
     f = torch.bincount(ids.reshape(-1), minlength=E).float() / ids.numel()
     dist = probs / probs.sum(-1, keepdim=True)
     expected = coef * E * (f * dist.mean(0)).sum()
@@ -331,7 +339,7 @@ def skewed_batch(n: int) -> torch.Tensor:
 
 
 def load_ratio(mlp: MoEMLP) -> float:
-    ids = mlp.router(skewed_batch(2048)[0])[0]
+    ids = mlp.router(skewed_batch(2048)[0]).expert_ids
     load = torch.bincount(ids.reshape(-1), minlength=E).float()
     return float(load.max() / load.min().clamp_min(1e-9))
 
@@ -362,7 +370,7 @@ def test_bias_balancing_evens_out_a_skewed_router(balance):
 def test_pending_load_counts_selected_slots_and_resets():
     mlp = make_moe(moe_top_k=2, moe_capacity_factor=0.5, moe_balance="aux_free").train()
     x = torch.randn(1, 10, H)
-    ids = mlp.router(x[0])[0]
+    ids = mlp.router(x[0]).expert_ids
     mlp(x)
     mlp(x)
     expected = 2 * torch.bincount(ids.reshape(-1), minlength=E)  # before dropping
@@ -395,15 +403,15 @@ def test_balance_updates_by_hand():
 def test_bias_changes_selection_not_weights():
     router = TopKRouter(H, E, top_k=2, score="softmax", renormalize=False)
     x = torch.randn(20, H)
-    _, _, probs = router(x)
+    _, _, probs = token_choices(router, x)
     router.expert_bias.copy_(torch.tensor([0.0, 5.0, 0.0, 0.0]))
-    ids, weights, probs_b = router(x)
+    ids, weights, probs_b = token_choices(router, x)
     torch.testing.assert_close(probs_b, probs)
     assert (ids == 1).any(dim=1).all()  # expert 1 always chosen ...
     torch.testing.assert_close(weights, probs.gather(1, ids))  # ... at its unbiased score
     assert torch.equal(ids, (probs + router.expert_bias).topk(2).indices)
     router.renormalize = True
-    _, w_norm, _ = router(x)
+    _, w_norm, _ = token_choices(router, x)
     torch.testing.assert_close(w_norm, weights / weights.sum(-1, keepdim=True))
 
 
@@ -411,9 +419,9 @@ def test_bias_changes_selection_not_weights():
 def test_router_runs_in_fp32_under_bf16_autocast():
     mlp = make_moe(moe_num_shared=1)
     x = torch.randn(2, 9, H)
-    ids, _, probs = mlp.router(x.reshape(-1, H))
+    ids, _, probs = token_choices(mlp.router, x.reshape(-1, H))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ids_a, weights_a, probs_a = mlp.router(x.reshape(-1, H))
+        ids_a, weights_a, probs_a = token_choices(mlp.router, x.reshape(-1, H))
         y, stats = mlp(x)
     assert probs_a.dtype == weights_a.dtype == torch.float32
     assert torch.equal(ids_a, ids)
@@ -421,7 +429,7 @@ def test_router_runs_in_fp32_under_bf16_autocast():
     assert y.shape == x.shape and torch.isfinite(y.float()).all()
     assert stats["aux_loss"].dtype == torch.float32
     # bf16 inputs (a model cast to bf16) are upcast too
-    _, _, probs_b = mlp.router(x.reshape(-1, H).bfloat16())
+    _, _, probs_b = token_choices(mlp.router, x.reshape(-1, H).bfloat16())
     assert probs_b.dtype == torch.float32
 
 

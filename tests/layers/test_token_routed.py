@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from hybridlm import modulo_routing_table, zipf_routing_table
 from hybridlm.layers.experts import GroupedExperts
+from hybridlm.layers.routing import Routing
 from hybridlm.layers.routing_tables import expert_mass
 from hybridlm.layers.token_routed import TokenRoutedMLP
 
@@ -43,7 +44,7 @@ def test_dispatch_equals_per_token_loop(loads):
     ids = torch.cat([torch.full((n,), e) for e, n in enumerate(loads)])
     ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(1))][:, None]
     x = torch.randn(len(ids), 8)
-    y, counts = ex(x, ids)
+    y, counts = ex(x, Routing.token_choice(ids, 4))
     assert counts.tolist() == loads
     torch.testing.assert_close(y, per_token_loop(ex, x, ids), atol=1e-5, rtol=1e-5)
 
@@ -53,7 +54,7 @@ def test_dispatch_top2_weighted_equals_loop():
     x = torch.randn(11, 8)
     ids = torch.stack([torch.randint(0, 4, (11,)), torch.randint(0, 4, (11,))], dim=1)
     w = torch.rand(11, 2)
-    y, counts = ex(x, ids, w)
+    y, counts = ex(x, Routing.token_choice(ids, 4, w))
     assert counts.sum() == 22
     torch.testing.assert_close(y, per_token_loop(ex, x, ids, w), atol=1e-5, rtol=1e-5)
 
@@ -68,7 +69,7 @@ def test_equal_split_dispatch_would_be_wrong():
     wrong = torch.cat([
         F.silu(c @ ex.w_gate[e]) * (c @ ex.w_up[e]) @ ex.w_down[e] for e, c in enumerate(chunks)
     ])
-    y, _ = ex(x, ids)
+    y, _ = ex(x, Routing.token_choice(ids, 4))
     assert not torch.allclose(y[order], wrong, atol=1e-4)
     torch.testing.assert_close(y, per_token_loop(ex, x, ids), atol=1e-5, rtol=1e-5)
 
@@ -133,7 +134,7 @@ def test_every_expert_gets_gradient():
     ex = _experts()
     x = torch.randn(40, 8, requires_grad=True)
     ids = torch.arange(40)[:, None] % 4
-    y, _ = ex(x, ids)
+    y, _ = ex(x, Routing.token_choice(ids, 4))
     y.square().sum().backward()
     for name in ("w_gate", "w_up", "w_down"):
         grad = getattr(ex, name).grad

@@ -28,30 +28,16 @@ from torch import nn
 
 from hybridlm.config import ModelConfig
 from hybridlm.layers.mixers import build_mixer, mixer_reads_mu
-from hybridlm.layers.mlp import DenseMLP
-from hybridlm.layers.moe import MoEMLP
+from hybridlm.layers.mlp_registry import build_mlp
 from hybridlm.layers.mu import MuUpdate
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.scaler import DynamicScaler
-from hybridlm.layers.token_routed import TokenRoutedMLP
 
 
 def mu_reading_layers(config: ModelConfig) -> list[bool]:
     """Which layers' mixers read mu (those with reads_mu, e.g. GQA attention, when mu guidance
     is on)."""
     return [config.use_mu_guidance and mixer_reads_mu(m) for m in config.layer_mixers]
-
-
-def build_mlp(config: ModelConfig, layer: int) -> nn.Module:
-    c = config
-    experts = c.experts_in_layer(layer)
-    if experts == 0:
-        return DenseMLP(c.hidden_size, c.intermediate_size)
-    if c.mlp_type == "token_routed":
-        expert_width = c.intermediate_size // experts
-        shared = (c.shared_expert_intermediate_size or expert_width) if c.shared_expert else None
-        return TokenRoutedMLP(c.hidden_size, expert_width, experts, c.vocab_size, shared)
-    return MoEMLP(c, experts)
 
 
 class Block(nn.Module):
@@ -71,7 +57,7 @@ class Block(nn.Module):
         self.scaler = DynamicScaler(c.scaler_bias_init) if c.use_dynamic_scaler else None
         self.activation_clamp = c.activation_clamp
         # ScMoE (shortcut-connected MoE): the routed experts read the previous block's input.
-        self.uses_shortcut = c.moe_shortcut and isinstance(self.mlp, MoEMLP)
+        self.uses_shortcut = c.moe_shortcut and getattr(self.mlp, "reads_shortcut", False)
 
     def forward(
         self,

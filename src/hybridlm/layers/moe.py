@@ -2,10 +2,10 @@
 
     y = shared(x) + sum over routed slots (n, e) of  w[n, e] * Expert_e(x_routed[n])
 
-A router only decides the slots (token, expert, weight); `GroupedExperts` computes them, so
-every routing shares one expert implementation. `x_routed` is x itself, or with ScMoE the
-previous block's normalised input (`shortcut`): the routed experts and the router read it
-while the shared experts read x.
+A router only decides the slots (token, expert, weight), as a `Routing` (layers/routing.py);
+`GroupedExperts` computes them, so every routing shares one expert implementation.
+`x_routed` is x itself, or with ScMoE the previous block's normalised input (`shortcut`): the
+routed experts and the router read it while the shared experts read x.
 
 Routers (config.moe_router):
   topk           each token picks its k best experts (Switch k=1, Mixtral k=2). An optional
@@ -40,6 +40,7 @@ from torch import nn
 from hybridlm.config import ModelConfig
 from hybridlm.layers.experts import GroupedExperts
 from hybridlm.layers.mlp import SwiGLU
+from hybridlm.layers.routing import Router, Routing
 
 SCORES = ("softmax", "sigmoid")
 
@@ -71,19 +72,26 @@ def _check_router_args(num_experts: int, score: str) -> None:
         raise ValueError(f"moe_score={score!r} is not one of {list(SCORES)}")
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(Router):
     """Token choice: every token picks its top_k experts.
 
-    Returns expert_ids (N, k) long, weights (N, k) float32, probs (N, E) float32 (the scores).
+    Returns a token-major Routing: expert_ids (N, k) long, weights float32, probs (N, E)
+    float32 (the scores), selected (E,) the slots chosen before capacity.
     `expert_bias` (E,) shifts which experts are selected (aux-free balancing) but never the
     weights: those are the unbiased scores of the chosen experts (renormalised to sum 1 when
     `renormalize`). Note: softmax with k=1 and renormalize gives weight 1 for every token, so
     the gate then learns only through the aux loss.
+
+    Capacity (`capacity_factor` set, in training only): each expert keeps
+    C = ceil(N * k * factor / E) of its slots, served in GShard/Switch order (every first
+    choice before any second choice; see `_within_capacity`), and the rest are dropped.
     """
+
+    keeps_fp32_params = True
 
     def __init__(
         self, hidden_size: int, num_experts: int, top_k: int, score: str = "softmax",
-        renormalize: bool = True,
+        renormalize: bool = True, capacity_factor: float | None = None,
     ) -> None:
         super().__init__()
         _check_router_args(num_experts, score)
@@ -91,28 +99,34 @@ class TopKRouter(nn.Module):
             raise ValueError(f"moe_top_k={top_k} must lie in [1, num_experts={num_experts}]")
         self.num_experts, self.top_k = num_experts, top_k
         self.score, self.renormalize = score, renormalize
+        self.capacity_factor = capacity_factor
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         # Persistent: a reloaded model must select exactly as the trained one did.
         self.register_buffer("expert_bias", torch.zeros(num_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Routing:
         probs = _scores(_fp32_logits(x, self.gate.weight), self.score)  # (N, E)
         biased = probs + self.expert_bias.float()  # (N, E), selection only
         expert_ids = biased.topk(self.top_k, dim=-1).indices  # (N, k)
         weights = probs.gather(-1, expert_ids)  # (N, k) unbiased scores, carry the gradient
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        return expert_ids, weights, probs
+        routing = Routing.token_choice(expert_ids, self.num_experts, weights, probs)
+        if not (self.training and self.capacity_factor is not None):
+            return routing
+        capacity = _ceil(x.shape[0] * self.top_k * self.capacity_factor / self.num_experts)
+        keep = _within_capacity(expert_ids, self.num_experts, capacity)  # (N, k)
+        return routing.keep(keep.reshape(-1))  # token-major, the slot order
 
 
-class ExpertChoiceRouter(nn.Module):
+class ExpertChoiceRouter(Router):
     """Expert choice: every expert takes its C best tokens, C = ceil(N * factor / E) in [1, N].
 
     Scores are normalised over the experts of each token (softmax, as in the paper, or
     sigmoid); each expert then ranks the tokens by its score column. A token may be taken by
     several experts or by none (then only the shared experts and the residual see it).
-    Returns slots token_idx (M,), expert_idx (M,), weights (M,) with M = E * C (exactly C per
-    expert, grouped by expert) and probs (N, E) float32.
+    Returns a Routing of M = E * C slots (exactly C per expert, grouped by expert) with probs
+    (N, E) float32.
 
     Not causal: whether expert e takes token t depends on how t ranks among all N tokens of
     the batch, later ones included, so the output at t (and the training loss) sees the
@@ -125,6 +139,8 @@ class ExpertChoiceRouter(nn.Module):
     Slots are then token-major (M = N * causal_top_k). It is an approximation of the trained
     routing (there a token may get anywhere from 0 to E experts), not the same function.
     """
+
+    keeps_fp32_params = True
 
     def __init__(
         self, hidden_size: int, num_experts: int, capacity_factor: float | None = None,
@@ -140,6 +156,10 @@ class ExpertChoiceRouter(nn.Module):
         self.causal = False  # route by token choice (see the class docstring)
 
     @property
+    def is_causal(self) -> bool:
+        return self.causal
+
+    @property
     def causal_top_k(self) -> int:
         """Experts per token under causal routing: the capacity factor rounded half up, in
         [1, E] (the average number of experts a token gets from expert choice)."""
@@ -150,26 +170,24 @@ class ExpertChoiceRouter(nn.Module):
         c = _ceil(num_tokens * self.capacity_factor / self.num_experts)
         return min(max(c, 1), num_tokens)
 
-    def forward(
-        self, x: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> Routing:
         probs = _scores(_fp32_logits(x, self.gate.weight), self.score)  # (N, E)
         if self.causal:
-            return (*self._token_choice_slots(probs), probs)
+            return self._token_choice(probs)
         c = self.capacity(x.shape[0])
         weights, token_idx = probs.t().topk(c, dim=-1)  # (E, C) each: expert e's best tokens
         expert_idx = torch.arange(self.num_experts, device=x.device).repeat_interleave(c)
-        return token_idx.reshape(-1), expert_idx, weights.reshape(-1), probs
+        return Routing(
+            token_idx.reshape(-1), expert_idx, weights.reshape(-1), self.num_experts,
+            probs=probs, selected=torch.bincount(expert_idx, minlength=self.num_experts),
+            dropped=torch.zeros((), dtype=torch.long, device=x.device),
+        )
 
-    def _token_choice_slots(
-        self, probs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, E) scores -> token_idx, expert_idx, weights (M,), M = N * causal_top_k:
-        each token's best experts at their scores, token-major."""
-        k = self.causal_top_k
-        weights, expert_ids = probs.topk(k, dim=-1)  # (N, k) each
-        token_idx = torch.arange(probs.shape[0], device=probs.device).repeat_interleave(k)
-        return token_idx, expert_ids.reshape(-1), weights.reshape(-1)
+    def _token_choice(self, probs: torch.Tensor) -> Routing:
+        """(N, E) scores -> M = N * causal_top_k slots: each token's best experts at their
+        scores, token-major."""
+        weights, expert_ids = probs.topk(self.causal_top_k, dim=-1)  # (N, k) each
+        return Routing.token_choice(expert_ids, self.num_experts, weights, probs)
 
 
 @contextlib.contextmanager
@@ -247,11 +265,11 @@ class MoEMLP(nn.Module):
         self.aux_loss_coef = c.moe_aux_loss_coef
         self.bias_update_rate = c.moe_bias_update_rate
         self.load_ema_decay = c.moe_load_ema_decay
-        self.capacity_factor = c.moe_capacity_factor
         self.router: TopKRouter | ExpertChoiceRouter
         if c.moe_router == "topk":
             self.router = TopKRouter(
-                c.hidden_size, num_experts, c.moe_top_k, c.moe_score, c.moe_renormalize
+                c.hidden_size, num_experts, c.moe_top_k, c.moe_score, c.moe_renormalize,
+                c.moe_capacity_factor,
             )
         elif c.moe_router == "expert_choice":
             self.router = ExpertChoiceRouter(
@@ -277,11 +295,14 @@ class MoEMLP(nn.Module):
             "load_ema", torch.ones(num_experts) if c.moe_balance == "ema" else None
         )
 
+    # ScMoE: the block hands this MLP the previous block's normalised input as `shortcut`.
+    reads_shortcut = True
+
     @property
     def is_causal(self) -> bool:
         """False for expert choice (a token's experts depend on later tokens, so no
         generation), unless its router is switched to causal routing."""
-        return not isinstance(self.router, ExpertChoiceRouter) or self.router.causal
+        return self.router.is_causal
 
     # --- forward ------------------------------------------------------------------------------
     def forward(
@@ -304,41 +325,20 @@ class MoEMLP(nn.Module):
         hidden = x.shape[-1]
         flat = x.reshape(-1, hidden)  # (N, H): read by the shared experts
         routed_in = flat if shortcut is None else shortcut.reshape(-1, hidden)  # (N, H)
-        num_tokens = flat.shape[0]
-        dropped = torch.zeros((), dtype=torch.long, device=x.device)
-
-        if isinstance(self.router, TopKRouter):
-            expert_ids, weights, probs = self.router(routed_in)  # (N, k), (N, k), (N, E)
-            top_k = expert_ids.shape[1]
-            # Slots in token order: token n's k slots are n*k .. n*k + k - 1.
-            token_idx = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
-            expert_idx = expert_ids.reshape(-1)  # (M,) M = N*k
-            slot_weights = weights.reshape(-1)  # (M,)
-            selected = torch.bincount(expert_idx, minlength=self.num_experts)  # (E,)
-            if self.training and self.capacity_factor is not None:
-                capacity = _ceil(num_tokens * top_k * self.capacity_factor / self.num_experts)
-                keep = _within_capacity(expert_ids, self.num_experts, capacity)  # (N, k)
-                keep = keep.reshape(-1)  # (M,) in slot order
-                token_idx, expert_idx = token_idx[keep], expert_idx[keep]
-                slot_weights = slot_weights[keep]
-                dropped = (~keep).sum()
-        else:
-            token_idx, expert_idx, slot_weights, probs = self.router(routed_in)  # (M,) x3
-            selected = torch.bincount(expert_idx, minlength=self.num_experts)  # C each
-
-        y, counts = self.experts.forward_slots(routed_in, token_idx, expert_idx, slot_weights)
+        routing = self.router(routed_in)
+        y, counts = self.experts(routed_in, routing)
         if self.shared is not None:
             y = y + self.shared(flat)
 
         if self.training:
             with torch.no_grad():
-                self.load_since_balance += selected
+                self.load_since_balance += routing.selected
 
         stats = {
             "expert_counts": counts,
-            "aux_loss": self._aux_loss(probs, selected),
-            "router_entropy": self._entropy(probs),
-            "dropped_tokens": dropped,
+            "aux_loss": self._aux_loss(routing.probs, routing.selected),
+            "router_entropy": self._entropy(routing.probs),
+            "dropped_tokens": routing.dropped,
         }
         return y.reshape(x.shape), stats
 
@@ -363,7 +363,13 @@ class MoEMLP(nn.Module):
         dist = self._distribution(probs)  # (N, E)
         return -(dist * dist.clamp_min(1e-20).log()).sum(dim=-1).mean()
 
-    # --- balancing ----------------------------------------------------------------------------
+    # --- the ExpertMLP and LoadBalanced protocols (layers/routing.py) -------------------------
+    def inactive_parameters(self) -> float:
+        return self.experts.unused_parameters(self.active_experts_per_token)
+
+    def discard_loads(self) -> None:
+        self.load_since_balance.zero_()
+
     def pending_load(self) -> torch.Tensor:
         """(E,) float32 copy of the slots each expert was selected for since the last balance."""
         return self.load_since_balance.to(torch.float32)

@@ -12,11 +12,15 @@ from torch import nn
 
 from hybridlm.layers.experts import GroupedExperts
 from hybridlm.layers.mlp import SwiGLU
-from hybridlm.layers.routing_tables import modulo_routing_table
+from hybridlm.layers.routing import Router, Routing
+from hybridlm.layers.routing_tables import modulo_routing_table, zipf_routing_table
+
+ROUTINGS = ("modulo", "zipf")
 
 
-class TokenRoutedRouter(nn.Module):
-    """Returns (expert_ids (N, 1), weights None): a table lookup, no learned parameters."""
+class TokenRoutedRouter(Router):
+    """token_ids (B, T) -> Routing with one slot per token, weight 1: a table lookup, no
+    learned parameters."""
 
     def __init__(self, vocab_size: int, num_experts: int) -> None:
         super().__init__()
@@ -33,11 +37,29 @@ class TokenRoutedRouter(nn.Module):
             raise ValueError(f"routing table entries must lie in [0, {self.num_experts})")
         self.table.copy_(table)
 
-    def forward(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.table[token_ids.reshape(-1)].unsqueeze(-1), None
+    def forward(self, token_ids: torch.Tensor) -> Routing:
+        expert_ids = self.table[token_ids.reshape(-1)].unsqueeze(-1)  # (N, 1)
+        return Routing.token_choice(expert_ids, self.num_experts)
+
+
+def corpus_counts(token_counts: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(n,) counts with n <= vocab_size -> (vocab_size,) float64, unseen ids counted 0."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    given = torch.as_tensor(token_counts, dtype=torch.float64).reshape(-1)
+    if given.numel() > counts.numel():
+        raise ValueError(f"token_counts has {given.numel()} entries but vocab_size={vocab_size}")
+    counts[: given.numel()] = given
+    return counts
 
 
 class TokenRoutedMLP(nn.Module):
+    """Token-routed experts with the shared MLP interface: forward(x, *, token_ids) -> (y, stats).
+
+    `routing` ("modulo" | "zipf"): the table the layer wants from the corpus; "zipf" is
+    installed by `fit_to_corpus` (the trainer, from the prepared data's token counts).
+    No balancing state: the table fixes the loads.
+    """
+
     def __init__(
         self,
         hidden_size: int,
@@ -45,9 +67,13 @@ class TokenRoutedMLP(nn.Module):
         num_experts: int,
         vocab_size: int,
         shared_intermediate_size: int | None,
+        routing: str = "modulo",
     ) -> None:
         super().__init__()
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing={routing!r} is not one of {list(ROUTINGS)}")
         self.active_experts_per_token = 1
+        self.routing = routing
         self.router = TokenRoutedRouter(vocab_size, num_experts)
         self.experts = GroupedExperts(num_experts, hidden_size, expert_intermediate_size)
         self.shared = (
@@ -68,8 +94,32 @@ class TokenRoutedMLP(nn.Module):
                 f"token_ids shape {tuple(token_ids.shape)} does not match x {tuple(x.shape[:-1])}"
             )
         flat = x.reshape(-1, x.shape[-1])  # (N, H)
-        expert_ids, weights = self.router(token_ids)
-        y, counts = self.experts(flat, expert_ids, weights)
+        y, counts = self.experts(flat, self.router(token_ids))
         if self.shared is not None:
             y = y + self.shared(flat)
         return y.view_as(x), {"expert_counts": counts}
+
+    # --- the ExpertMLP and TokenTableRouted protocols (layers/routing.py) ---------------------
+    def inactive_parameters(self) -> float:
+        return self.experts.unused_parameters(self.active_experts_per_token)
+
+    def set_routing_table(self, table: torch.Tensor) -> None:
+        self.router.set_table(table)
+
+    def set_token_counts(
+        self, counts: torch.Tensor, memo: dict[int, torch.Tensor] | None = None
+    ) -> None:
+        """Install the frequency-balanced table of corpus counts (n,), n <= vocab_size."""
+        memo = {} if memo is None else memo
+        experts = self.router.num_experts
+        if experts not in memo:
+            memo[experts] = zipf_routing_table(
+                corpus_counts(counts, self.router.table.numel()), experts
+            )
+        self.router.set_table(memo[experts])
+
+    def fit_to_corpus(
+        self, counts: torch.Tensor, memo: dict[int, torch.Tensor] | None = None
+    ) -> None:
+        if self.routing == "zipf":
+            self.set_token_counts(counts, memo)

@@ -19,7 +19,6 @@ import torch.distributed as dist
 from torch import nn
 
 from hybridlm.layers.mamba import Mamba
-from hybridlm.layers.moe import ExpertChoiceRouter, TopKRouter
 
 
 @dataclass
@@ -178,7 +177,8 @@ def shard_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> None:
 
 def _fp32_modules(block: nn.Module) -> list[nn.Module]:
     """The modules of `block` whose own parameters must reach the forward in fp32."""
-    return [m for m in block.modules() if isinstance(m, (TopKRouter, ExpertChoiceRouter, Mamba))]
+    return [m for m in block.modules()
+            if getattr(m, "keeps_fp32_params", False) or isinstance(m, Mamba)]
 
 
 def shutdown() -> None:

@@ -108,8 +108,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, token_counts) -> HybridLM:
         )
     torch.manual_seed(cfg.seed)
     model = HybridLM(model_config)
-    if model_config.mlp_type == "token_routed" and model_config.routing == "zipf":
-        model.set_zipf_routing(torch.as_tensor(token_counts))
+    if token_counts is not None:
+        model.fit_routing(torch.as_tensor(token_counts))  # e.g. Zipf token-routing tables
     return model
 
 

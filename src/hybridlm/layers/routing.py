@@ -1,0 +1,134 @@
+"""The router contract: one `Routing` value from every router, and the protocols expert MLPs
+expose to the model (balancing, active parameters, token tables).
+
+A router (learned top-k, expert choice, a token table, or one of your own) maps N tokens to
+M routed slots: slot m sends token `token_idx[m]` to expert `expert_idx[m]` with weight
+`weights[m]`. `GroupedExperts` computes any `Routing` and reads nothing else, so a new router
+never touches the expert code; the statistics fields feed balancing and logging.
+
+The model never looks inside an MLP: it calls the protocols below on every module that
+implements them (`isinstance` on a runtime-checkable Protocol checks only that the methods
+exist), so a new expert MLP takes part in balancing and active-parameter counts by defining
+the methods.
+
+Glossary: N tokens, M routed slots, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Routing:
+    """Where each routed slot goes. Slots may come in any order and any number per token
+    (a token in no slot gets only what the MLP adds besides its routed experts).
+
+    token_idx, expert_idx: (M,) long. weights: (M,) or None (every slot weighs 1).
+    num_experts: E. probs: (N, E) float32 router scores (learned routers; aux loss, entropy).
+    selected: (E,) long, the slots each expert was chosen for before any capacity dropped
+    some (the load that balancing evens out). dropped: () long, slots dropped by capacity.
+    expert_ids: (N, k) each token's choices before capacity (token choice only), else None.
+    """
+
+    token_idx: torch.Tensor
+    expert_idx: torch.Tensor
+    weights: torch.Tensor | None
+    num_experts: int
+    probs: torch.Tensor | None = None
+    selected: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None
+    expert_ids: torch.Tensor | None = None
+
+    @classmethod
+    def token_choice(
+        cls, expert_ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None,
+        probs: torch.Tensor | None = None,
+    ) -> Routing:
+        """expert_ids (N, k), weights (N, k) or None -> token-major slots: token n's k slots
+        are n*k .. n*k + k - 1, nothing dropped."""
+        num_tokens, top_k = expert_ids.shape
+        token_idx = torch.arange(num_tokens, device=expert_ids.device).repeat_interleave(top_k)
+        expert_idx = expert_ids.reshape(-1)
+        return cls(
+            token_idx, expert_idx, None if weights is None else weights.reshape(-1), num_experts,
+            probs=probs, selected=torch.bincount(expert_idx, minlength=num_experts),
+            dropped=torch.zeros((), dtype=torch.long, device=expert_ids.device),
+            expert_ids=expert_ids,
+        )
+
+    def keep(self, mask: torch.Tensor) -> Routing:
+        """Only the slots where mask (M,) bool is True; `selected` still counts them all."""
+        weights = None if self.weights is None else self.weights[mask]
+        return Routing(
+            self.token_idx[mask], self.expert_idx[mask], weights, self.num_experts,
+            probs=self.probs, selected=self.selected, dropped=(~mask).sum(),
+            expert_ids=self.expert_ids,
+        )
+
+
+class Router(nn.Module):
+    """Base class of routers: forward(...) -> Routing.
+
+    `keeps_fp32_params`: FSDP keeps this module's own parameters in fp32 under a low
+    precision policy (train/distributed.py): set it on learned gates, whose discrete top-k
+    decisions bf16 rounding would flip. `is_causal`: False when a token's slots depend on
+    later tokens (expert choice), so the model refuses cached decoding.
+    """
+
+    keeps_fp32_params = False
+
+    @property
+    def is_causal(self) -> bool:
+        return True
+
+
+@runtime_checkable
+class ExpertMLP(Protocol):
+    """An MLP with routed experts. `inactive_parameters()`: parameters one token does not use
+    (on average), subtracted by `HybridLM.num_parameters(active=True)`."""
+
+    def inactive_parameters(self) -> float: ...
+
+
+@runtime_checkable
+class LoadBalanced(Protocol):
+    """An MLP that evens out its expert loads between optimizer steps.
+
+    Training forwards add each expert's selected slots to a pending load (E,);
+    `HybridLM.balance_step` sums `pending_load()` over data-parallel ranks and hands it to
+    `apply_balance(load)`, which moves the balancing state and resets the pending load;
+    `discard_loads()` resets it without an update (a skipped step). An aux loss, if any, is
+    returned in the forward's stats as "aux_loss" and added to the loss by the model.
+    """
+
+    def pending_load(self) -> torch.Tensor: ...
+
+    def apply_balance(self, load: torch.Tensor) -> None: ...
+
+    def discard_loads(self) -> None: ...
+
+
+@runtime_checkable
+class TokenTableRouted(Protocol):
+    """An MLP whose experts are chosen by token id from a (V,) table.
+
+    `set_routing_table(table)` installs a table; `set_token_counts(counts, memo)` installs the
+    frequency-balanced (Zipf) table of corpus counts (V,) (memo: tables already built, by
+    expert count, shared across layers); `fit_to_corpus(counts, memo)` does that only when
+    the layer's configured routing asks for it (the trainer calls it for every run).
+    """
+
+    def set_routing_table(self, table: torch.Tensor) -> None: ...
+
+    def set_token_counts(
+        self, counts: torch.Tensor, memo: dict[int, torch.Tensor] | None = None
+    ) -> None: ...
+
+    def fit_to_corpus(
+        self, counts: torch.Tensor, memo: dict[int, torch.Tensor] | None = None
+    ) -> None: ...

@@ -1,0 +1,193 @@
+"""The router contract and the MLP registry: a router and an MLP kind defined in this file
+alone train in a stack; T and E layers mix in one stack."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridlm import HybridLM, ModelConfig
+from hybridlm.config import MLP_LETTERS, ConfigError
+from hybridlm.layers.experts import GroupedExperts
+from hybridlm.layers.mlp_registry import MLP_BUILDERS, register_mlp
+from hybridlm.layers.moe import MoEMLP
+from hybridlm.layers.routing import Router, Routing
+from hybridlm.layers.routing_tables import zipf_routing_table
+from hybridlm.layers.token_routed import TokenRoutedMLP
+
+V, H, E = 31, 16, 4
+
+
+# --- a toy router and a toy expert MLP, known to the library only through the registry -------
+class HashRouter(Router):
+    """Token id -> experts (id mod E, (3 id + 1) mod E), weighted by a learned softmax over a
+    per-expert logit (so the router itself learns)."""
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.logit = nn.Parameter(torch.zeros(num_experts))
+
+    def choices(self, token_ids: torch.Tensor) -> torch.Tensor:
+        ids = token_ids.reshape(-1)
+        return torch.stack([ids % self.num_experts, (3 * ids + 1) % self.num_experts], dim=1)
+
+    def forward(self, token_ids: torch.Tensor) -> Routing:
+        expert_ids = self.choices(token_ids)  # (N, 2)
+        weights = self.logit[expert_ids].softmax(dim=-1)  # (N, 2)
+        return Routing.token_choice(expert_ids, self.num_experts, weights)
+
+
+class HashMoE(nn.Module):
+    """Hash-routed experts with the ExpertMLP and LoadBalanced protocols; apply_balance only
+    records the (rank-summed) load it is handed."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        experts = config.experts_in_layer(layer)
+        self.router = HashRouter(experts)
+        self.experts = GroupedExperts(experts, config.hidden_size, 8)
+        self.pending = torch.zeros(experts)
+        self.balanced_loads: list[torch.Tensor] = []
+
+    def forward(self, x, *, token_ids=None):
+        routing = self.router(token_ids)
+        y, counts = self.experts(x.reshape(-1, x.shape[-1]), routing)
+        if self.training:
+            self.pending += routing.selected
+        return y.view_as(x), {"expert_counts": counts}
+
+    def inactive_parameters(self) -> float:
+        return self.experts.unused_parameters(2)
+
+    def pending_load(self) -> torch.Tensor:
+        return self.pending
+
+    def apply_balance(self, load: torch.Tensor) -> None:
+        self.balanced_loads.append(load.clone())
+        self.pending.zero_()
+
+    def discard_loads(self) -> None:
+        self.pending.zero_()
+
+
+@pytest.fixture
+def hash_letter():
+    register_mlp("H", HashMoE, "hash-routed experts (test)")
+    yield "H"
+    del MLP_BUILDERS["H"], MLP_LETTERS["H"]
+
+
+def config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=32, num_experts=E,
+                max_position_embeddings=32, mixer_pattern="A", use_mu_guidance=False)
+    return ModelConfig(**{**base, **overrides})
+
+
+def train(model: HybridLM, steps: int = 8) -> list[float]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (4, 12), generator=gen)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.balance_step(reduce=lambda t: t.mul_(2))  # as if a second rank saw the same
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def per_token_loop(mlp: HashMoE, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """The obvious definition: each token through its two experts, one at a time."""
+    ex, out = mlp.experts, torch.zeros_like(x)
+    for n, choice in enumerate(mlp.router.choices(token_ids)):
+        weights = mlp.router.logit[choice].softmax(-1)
+        for e, w in zip(choice.tolist(), weights, strict=True):
+            out[n] += w * (F.silu(x[n] @ ex.w_gate[e]) * (x[n] @ ex.w_up[e]) @ ex.w_down[e])
+    return out
+
+
+def test_a_registered_router_and_mlp_train_in_a_stack(hash_letter):
+    torch.manual_seed(0)
+    model = HybridLM(config(mlp_type="moe", mlp_pattern=hash_letter + "E", moe_top_k=2))
+    toy = model.layers[0].mlp
+    assert isinstance(toy, HashMoE) and isinstance(model.layers[1].mlp, MoEMLP)
+    losses = train(model)
+    assert losses[-1] < losses[0] - 0.3
+    # balance_step found the toy by its methods and handed it the reduced load
+    ids = torch.randint(0, V, (4, 12), generator=torch.Generator().manual_seed(0))
+    expected = 2 * torch.bincount(toy.router.choices(ids).reshape(-1), minlength=E).float()
+    assert len(toy.balanced_loads) == 8 and torch.equal(toy.balanced_loads[-1], expected)
+    per_expert = sum(p[0].numel() for p in toy.experts.parameters())
+    moe = model.layers[1].mlp
+    moe_inactive = (E - 2) * sum(p[0].numel() for p in moe.experts.parameters())
+    assert model.num_parameters(active=True) == (
+        model.num_parameters() - (E - 2) * per_expert - moe_inactive)
+
+
+def test_a_registered_routers_dispatch_equals_a_per_token_loop_and_trains_every_expert():
+    torch.manual_seed(0)
+    mlp = HashMoE(config(mlp_pattern="E"), 0)
+    for p in mlp.parameters():
+        nn.init.normal_(p, 0, 0.3)
+    token_ids = torch.arange(20).reshape(1, 20) % V
+    x = torch.randn(1, 20, H, requires_grad=True)
+    y, stats = mlp(x, token_ids=token_ids)
+    expected = per_token_loop(mlp, x[0], token_ids[0])
+    torch.testing.assert_close(y[0], expected, atol=1e-5, rtol=1e-5)
+    assert stats["expert_counts"].sum() == 40
+    y.square().sum().backward()
+    for name in ("w_gate", "w_up", "w_down"):
+        grad = getattr(mlp.experts, name).grad
+        assert all(grad[e].abs().sum() > 0 for e in range(E)), name
+    assert mlp.router.logit.grad.abs().sum() > 0
+
+
+def test_registering_a_taken_or_bad_letter_is_refused():
+    with pytest.raises(ValueError, match="'E' is taken"):
+        register_mlp("E", HashMoE, "again")
+    with pytest.raises(ValueError, match="one upper-case letter"):
+        register_mlp("hh", HashMoE, "two letters")
+
+
+# --- token-routed and learned MoE in one stack -----------------------------------------------
+def test_token_routed_and_learned_moe_layers_mix_train_balance_and_reload(tmp_path):
+    torch.manual_seed(0)
+    cfg = config(mlp_type="moe", mlp_pattern="TE", routing="zipf", moe_balance="aux_free",
+                 moe_top_k=1, moe_bias_update_rate=0.01)
+    model = HybridLM(cfg)
+    token_routed, moe = model.layers[0].mlp, model.layers[1].mlp
+    assert isinstance(token_routed, TokenRoutedMLP) and isinstance(moe, MoEMLP)
+    assert token_routed.experts.w_gate.shape[-1] == 32 // E  # the dense width split over E
+    counts = torch.arange(V) % 7 + 1
+    model.fit_routing(counts)  # what the trainer does: the T layer wants zipf
+    assert torch.equal(token_routed.router.table, zipf_routing_table(counts, E))
+    losses = train(model)
+    assert losses[-1] < losses[0]
+    assert moe.router.expert_bias.abs().sum() > 0  # balanced by the aux-free bias
+    model.save_pretrained(tmp_path / "m")
+    loaded = HybridLM.from_pretrained(tmp_path / "m").eval()
+    ids = torch.randint(0, V, (2, 9))
+    assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
+    assert torch.equal(loaded.layers[0].mlp.router.table, token_routed.router.table)
+    assert torch.equal(loaded.layers[1].mlp.router.expert_bias, moe.router.expert_bias)
+
+
+def test_e_still_means_token_routed_under_mlp_type_token_routed():
+    model = HybridLM(config(mlp_type="token_routed", mlp_pattern="DE"))
+    assert isinstance(model.layers[1].mlp, TokenRoutedMLP)
+    assert model.config.layer_mlp_kinds == ["D", "T"]
+    keys = set(model.state_dict())
+    assert "layers.1.mlp.router.table" in keys and "layers.1.mlp.experts.w_gate" in keys
+
+
+def test_t_layers_need_experts_dividing_the_mlp_width():
+    with pytest.raises(ConfigError, match="num_experts=3 must divide intermediate_size=32"):
+        config(mlp_type="moe", mlp_pattern="TE", num_experts=3).validate()
+    config(mlp_type="moe", mlp_pattern="DE", num_experts=3).validate()  # no T layer: fine
+    with pytest.raises(ConfigError, match="num_experts_per_layer\\[0\\]=3 must divide"):
+        config(mlp_type="moe", mlp_pattern="TE", num_experts_per_layer=[3, 3]).validate()
