@@ -306,7 +306,7 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | Sequence[Sequence[int]],
         max_new_tokens: int,
         do_sample: bool = True,
         temperature: float = 1.0,
@@ -316,17 +316,22 @@ class HybridLM(nn.Module):
         generator: torch.Generator | None = None,
         stop_strings: Sequence[str] | None = None,
         tokenizer=None,
-    ) -> torch.Tensor:
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | list[list[int]]:
         """Continue input_ids (B, T0) by up to max_new_tokens with a KV cache -> (B, T0 + n).
         do_sample=False is greedy. Sequences that emitted eos_token_id are padded with it, as
-        are those whose text reached one of `stop_strings` (decoded with `tokenizer`)."""
+        are those whose text reached one of `stop_strings` (decoded with `tokenizer`).
+
+        Prompts of different lengths: a list of id lists (-> a list of id lists, each prompt
+        + its own new tokens), or input_ids with attention_mask (B, T0) for left- or
+        right-padded rows (-> (B, T0 + n)); see `hybridlm.infer.generate.generate`."""
         from hybridlm.infer.generate import generate
 
         self._check_causal()
         return generate(
             self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
-            stop_strings=stop_strings, tokenizer=tokenizer,
+            stop_strings=stop_strings, tokenizer=tokenizer, attention_mask=attention_mask,
         )
 
     # --- routing -------------------------------------------------------------------------------
