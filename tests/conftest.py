@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import hybridlm.model
 from hybridlm import HybridLM, ModelConfig
 from hybridlm.data import DEMO_CORPUS, Document, Tokenizer, load_documents, split_documents
 from hybridlm.layers.attention import KVCache
@@ -98,13 +99,45 @@ def _restarts_positions() -> Callable:
     return restarted
 
 
+def _positions_of_row_0() -> Callable:
+    """cache_positions that numbers every row from row 0's length, as if the cache held one
+    length for the whole batch."""
+    from hybridlm import model
+
+    positions = model.cache_positions
+
+    def shared(start, seq, device):
+        return positions(None if start is None else start[:1].expand_as(start), seq, device)
+
+    return shared
+
+
+def _padding_advances_mamba_ssm() -> Callable:
+    """Mamba steps its SSM state through the padding of right-padded rows."""
+    return staticmethod(lambda delta, input_lengths: delta)
+
+
+def _padding_enters_mamba_conv() -> Callable:
+    """Mamba keeps the last K-1 conv inputs of the padded row, padding included."""
+    last = Mamba._last_conv_inputs
+
+    def padded(self, x, input_lengths):
+        return last(self, x, None)
+
+    return padded
+
+
 # name -> (class, attribute, replacement): the ways a cache can lose the history.
-CACHE_BREAKAGES: dict[str, tuple[type, str, Callable[[], Callable]]] = {
+CACHE_BREAKAGES: dict[str, tuple[object, str, Callable[[], Callable]]] = {
     "kv_cache_forgets": (KVCache, "append", lambda: _returns_only_new_entries(KVCache.append)),
     "mla_cache_forgets": (MLACache, "append", lambda: _returns_only_new_entries(MLACache.append)),
     "mamba_ssm_state_dropped": (Mamba, "forward", lambda: _drops_mamba_state("ssm_state")),
     "mamba_conv_state_dropped": (Mamba, "forward", lambda: _drops_mamba_state("conv_state")),
     "positions_restart_at_0": (Block, "forward", _restarts_positions),
+    # the ways a batch of prompts of different lengths can mix its rows up
+    "positions_of_row_0": (hybridlm.model, "cache_positions", _positions_of_row_0),
+    "padding_advances_mamba_ssm": (Mamba, "_freeze_on_padding", _padding_advances_mamba_ssm),
+    "padding_enters_mamba_conv": (Mamba, "_last_conv_inputs", _padding_enters_mamba_conv),
 }
 
 

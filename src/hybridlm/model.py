@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from torch import nn
 
 from hybridlm.config import ModelConfig
 from hybridlm.layers.block import Block, mu_reading_layers
+from hybridlm.layers.cache_rows import advanced, common_length, zero_lengths
 from hybridlm.layers.moe import causal_routing
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import segment_positions, segment_starts
@@ -39,14 +40,35 @@ class ModelOutput:
 
 @dataclass
 class ModelCache:
-    """Everything a model needs to continue a sequence: one cache per layer + tokens seen.
-    Layer caches are the mixers' own (KV, MLA latent, or Mamba conv/SSM state)."""
+    """Everything a model needs to continue a batch of sequences: one cache per layer + the
+    tokens each row has seen. Layer caches are the mixers' own (KV, MLA latent, or Mamba
+    conv/SSM state), each with the same per-row `lengths` (see layers/cache_rows.py)."""
 
     layers: list[Any]
-    length: int = 0
+    lengths: torch.Tensor | None = None  # (B,) long; None: zeros (B from the layer caches)
+
+    def __post_init__(self) -> None:
+        if self.lengths is None:
+            self.lengths = self.layers[0].lengths.clone()
+
+    @property
+    def length(self) -> int:
+        """The tokens every row has seen (ValueError when rows differ: read `lengths`)."""
+        return common_length(self.lengths)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    @contextlib.contextmanager
+    def feeding(self, input_lengths: torch.Tensor | None) -> Iterator[None]:
+        """Tell every layer cache how many tokens of the call are real per row (None: all)."""
+        for layer in self.layers:
+            layer.input_lengths = input_lengths
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.input_lengths = None
 
 
 class HybridLM(nn.Module):
@@ -104,10 +126,16 @@ class HybridLM(nn.Module):
         cache: ModelCache | None = None,
         segment_ids: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
+        input_lengths: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, T) long in [0, V); labels (B, T) aligned with input_ids (shifted
         inside, as in HF transformers; -100 = ignore). With `cache`, input_ids continue the
-        cached sequence and the cache is advanced by T.
+        cached sequences, each row from its own length (cache.lengths (B,); RoPE positions and
+        masks per row), and the cache is advanced by T.
+
+        input_lengths (B,) long, with a cache only: input_ids are right-padded and row b's
+        first input_lengths[b] tokens are real. Row b then advances by input_lengths[b] (its
+        Mamba state stops at its last real token); logits at padded tokens are meaningless.
 
         segment_ids (B, T) int: several examples packed in one row, a new example beginning
         wherever the id changes. Each example is computed as if it were alone (attention is
@@ -126,31 +154,36 @@ class HybridLM(nn.Module):
             self._check_segment_ids(segment_ids, input_ids, cache)
         if cache is not None:
             self._check_causal()
-        start = cache.length if cache is not None else 0
-        if start + seq > self.config.max_position_embeddings:
+        self._check_input_lengths(input_lengths, input_ids, cache)
+        start = cache.lengths if cache is not None else None  # (B,)
+        end = seq if start is None else int(advanced(start, seq, input_lengths).max())
+        if end > self.config.max_position_embeddings:
             raise ValueError(
-                f"sequence length {start + seq} exceeds max_position_embeddings="
+                f"sequence length {end} exceeds max_position_embeddings="
                 f"{self.config.max_position_embeddings}"
             )
         positions = (
-            torch.arange(start, start + seq, device=input_ids.device) if segment_ids is None
-            else segment_positions(segment_ids)  # (B, T)
+            segment_positions(segment_ids) if segment_ids is not None  # (B, T)
+            else cache_positions(start, seq, input_ids.device)  # (T,) or (B, T)
         )
         h = self.embed_tokens(input_ids)  # (B, T, H)
         mu = self.mu_init.to(h.dtype).expand_as(h) if self.mu_init is not None else None
         prev_input = h
         stats_per_layer, mu_norms = [], []
-        for i, block in enumerate(self.layers):
-            layer_cache = cache.layers[i] if cache is not None else None
-            block_input = h
-            h, mu, stats = block(h, token_ids=input_ids, positions=positions, cache=layer_cache,
-                                 mu_prev=mu, prev_input=prev_input, segment_ids=segment_ids)
-            prev_input = block_input
-            stats_per_layer.append(stats)
-            if block.mu_update is not None:
-                mu_norms.append(mu.detach().float().pow(2).mean().sqrt())
+        feeding = cache.feeding(input_lengths) if cache is not None else contextlib.nullcontext()
+        with feeding:
+            for i, block in enumerate(self.layers):
+                layer_cache = cache.layers[i] if cache is not None else None
+                block_input = h
+                h, mu, stats = block(h, token_ids=input_ids, positions=positions,
+                                     cache=layer_cache, mu_prev=mu, prev_input=prev_input,
+                                     segment_ids=segment_ids)
+                prev_input = block_input
+                stats_per_layer.append(stats)
+                if block.mu_update is not None:
+                    mu_norms.append(mu.detach().float().pow(2).mean().sqrt())
         if cache is not None:
-            cache.length = start + seq
+            cache.lengths = advanced(start, seq, input_lengths)
         logits = self.lm_head(self.norm(h))  # (B, T, V)
         aux = _collect_aux(stats_per_layer)
         aux["mu_norms"] = mu_norms
@@ -187,6 +220,25 @@ class HybridLM(nn.Module):
                 f"{tuple(segment_ids.shape)}"
             )
 
+    @staticmethod
+    def _check_input_lengths(
+        input_lengths: torch.Tensor | None, input_ids: torch.Tensor, cache: ModelCache | None
+    ) -> None:
+        if input_lengths is None:
+            return
+        if cache is None:
+            raise ValueError("input_lengths needs a cache: it says how far each row's cache "
+                             "advances (a forward without a cache ignores right padding)")
+        batch, seq = input_ids.shape
+        if (input_lengths.shape != (batch,) or input_lengths.is_floating_point()
+                or input_lengths.dtype == torch.bool):
+            raise ValueError(f"input_lengths must be an integer tensor of shape ({batch},); got "
+                             f"{input_lengths.dtype} of shape {tuple(input_lengths.shape)}")
+        low, high = int(input_lengths.min()), int(input_lengths.max())
+        if low < 0 or high > seq:
+            raise ValueError(f"input_lengths holds {low if low < 0 else high}, outside "
+                             f"[0, {seq}] (the {seq} tokens of input_ids)")
+
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(
@@ -209,7 +261,8 @@ class HybridLM(nn.Module):
         param = self.embed_tokens.weight
         device = device or param.device
         dtype = dtype or param.dtype
-        return ModelCache([b.mixer.new_cache(batch, max_len, device, dtype) for b in self.layers])
+        return ModelCache([b.mixer.new_cache(batch, max_len, device, dtype) for b in self.layers],
+                          zero_lengths(batch, device))
 
     def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """Cache bytes each generated token adds, over all layers, measured on the caches
@@ -249,7 +302,7 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | Sequence[Sequence[int]],
         max_new_tokens: int,
         do_sample: bool = True,
         temperature: float = 1.0,
@@ -259,17 +312,22 @@ class HybridLM(nn.Module):
         generator: torch.Generator | None = None,
         stop_strings: Sequence[str] | None = None,
         tokenizer=None,
-    ) -> torch.Tensor:
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | list[list[int]]:
         """Continue input_ids (B, T0) by up to max_new_tokens with a KV cache -> (B, T0 + n).
         do_sample=False is greedy. Sequences that emitted eos_token_id are padded with it, as
-        are those whose text reached one of `stop_strings` (decoded with `tokenizer`)."""
+        are those whose text reached one of `stop_strings` (decoded with `tokenizer`).
+
+        Prompts of different lengths: a list of id lists (-> a list of id lists, each prompt
+        + its own new tokens), or input_ids with attention_mask (B, T0) for left- or
+        right-padded rows (-> (B, T0 + n)); see `hybridlm.infer.generate.generate`."""
         from hybridlm.infer.generate import generate
 
         self._check_causal()
         return generate(
             self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
-            stop_strings=stop_strings, tokenizer=tokenizer,
+            stop_strings=stop_strings, tokenizer=tokenizer, attention_mask=attention_mask,
         )
 
     # --- routing (the protocols of layers/routing.py) --------------------------------------
@@ -347,6 +405,19 @@ class HybridLM(nn.Module):
         from hybridlm.checkpoint import load_model
 
         return load_model(cls, directory, device=device)
+
+
+def cache_positions(start: torch.Tensor | None, seq: int, device: torch.device
+                    ) -> torch.Tensor:
+    """Positions of T = seq new tokens after `start` (B,) cached ones (None: no cache):
+    (T,) when every row starts at the same length (the batch shares one position per
+    token), else (B, T), row b numbered from start[b]."""
+    if start is None:
+        return torch.arange(seq, device=device)
+    first = int(start[0])
+    if bool((start == first).all()):
+        return torch.arange(first, first + seq, device=device)
+    return start[:, None] + torch.arange(seq, device=device)  # (B, T)
 
 
 def next_token_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None

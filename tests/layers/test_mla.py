@@ -102,9 +102,12 @@ def test_cache_holds_only_latent_and_rope_key(dtype):
     mla = make_mla(mla_absorb=True).to(dtype)
     cache = mla.new_cache(3, 10, torch.device("cpu"), dtype)
     assert cache.nbytes() == 3 * 10 * (R + DR) * torch.empty(0, dtype=dtype).element_size()
-    assert {f.name for f in dataclasses.fields(MLACache)} == {"c_kv", "k_rope", "length"}
-    tensors = {k: v.shape for k, v in vars(cache).items() if isinstance(v, torch.Tensor)}
+    bookkeeping = {"lengths", "input_lengths"}  # (B,) tokens per row; not per token
+    assert {f.name for f in dataclasses.fields(MLACache)} == {"c_kv", "k_rope"} | bookkeeping
+    tensors = {k: v.shape for k, v in vars(cache).items()
+               if isinstance(v, torch.Tensor) and k not in bookkeeping}
     assert tensors == {"c_kv": (3, 10, R), "k_rope": (3, 10, DR)}
+    assert cache.lengths.shape == (3,)
     with torch.no_grad():
         out = mla(torch.randn(3, 4, 32, dtype=dtype), positions=torch.arange(4), cache=cache)
     assert out.dtype == dtype and cache.length == 4

@@ -15,6 +15,13 @@ import torch
 from torch import nn
 
 from hybridlm.config import ModelConfig
+from hybridlm.layers.cache_rows import (
+    advanced,
+    common_length,
+    position_mask,
+    write_rows,
+    zero_lengths,
+)
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import RotaryEmbedding, apply_rope, segment_starts
 from hybridlm.ops import attention
@@ -22,20 +29,29 @@ from hybridlm.ops import attention
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values of one attention layer; `length` tokens are filled."""
+    """Preallocated keys/values of one attention layer; row b holds `lengths[b]` tokens, its
+    token p in slot p (see layers/cache_rows.py)."""
 
     k: torch.Tensor  # (B, nkv, max_len, D)
     v: torch.Tensor  # (B, nkv, max_len, D)
-    length: int = 0
+    lengths: torch.Tensor | None = None  # (B,) long; None: zeros
+    input_lengths: torch.Tensor | None = None  # (B,) real tokens per row of the current call
+
+    def __post_init__(self) -> None:
+        if self.lengths is None:
+            self.lengths = zero_lengths(self.k.shape[0], self.k.device)
+
+    @property
+    def length(self) -> int:
+        """The tokens every row holds (ValueError when rows differ: read `lengths`)."""
+        return common_length(self.lengths)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v (B, nkv, T, D) after the filled part; return all keys/values (B, nkv, S, D)."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} tokens; {end} requested")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        self.length = end
+        """Write k/v (B, nkv, T, D) at each row's next slots; return the keys/values of every
+        slot in use (B, nkv, S, D). Rows advance by `input_lengths` (default T)."""
+        end = write_rows(self.k, k, self.lengths, 2, "KV cache")
+        write_rows(self.v, v, self.lengths, 2, "KV cache")
+        self.lengths = advanced(self.lengths, k.shape[2], self.input_lengths)
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def nbytes(self) -> int:
@@ -81,6 +97,8 @@ class Attention(nn.Module):
         segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, H), positions (T,) absolute, mu_prev (B, T, H) when use_mu -> (B, T, H).
+        With a cache whose rows hold different lengths, positions are per row (B, T) and
+        each query sees its own row's slots up to its position (`position_mask`).
 
         segment_ids (B, T): packed rows; a token attends only to earlier tokens of its own
         example (`segment_mask`), and positions are then per row (B, T). No cache with it."""
@@ -103,7 +121,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nkv, S, D)
-        mask = segment_mask(segment_ids) if segment_ids is not None else None
+        if segment_ids is not None:
+            mask = segment_mask(segment_ids)
+        elif positions.dim() == 2:  # rows at different lengths: each its own causal window
+            mask = position_mask(positions, k.shape[2])
+        else:
+            mask = None  # causal, aligned with the cache by ops.attention
         y = attention(q, k, v, attn_mask=mask)  # (B, nh, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, nh * d))
 

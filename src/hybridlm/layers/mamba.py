@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlm.config import ModelConfig
+from hybridlm.layers.cache_rows import advanced, common_length, zero_lengths
 from hybridlm.layers.rope import segment_starts
 from hybridlm.ops import selective_scan_chunked, selective_scan_step
 
@@ -33,11 +34,24 @@ DT_FLOOR = 1e-4  # smallest initial step (as mamba_ssm's dt_init_floor)
 
 @dataclass
 class MambaCache:
-    """Recurrent state of one Mamba layer after `length` tokens."""
+    """Recurrent state of one Mamba layer; row b has read `lengths[b]` tokens.
+
+    A call may feed right-padded rows (`input_lengths`, see layers/cache_rows.py): each row's
+    conv and SSM state then stop at its last real token, as if the padding were never fed."""
 
     conv_state: torch.Tensor  # (B, Din, K - 1): the last inputs of the depthwise conv
     ssm_state: torch.Tensor  # (B, Din, N), fp32
-    length: int = 0
+    lengths: torch.Tensor | None = None  # (B,) long; None: zeros
+    input_lengths: torch.Tensor | None = None  # (B,) real tokens per row of the current call
+
+    def __post_init__(self) -> None:
+        if self.lengths is None:
+            self.lengths = zero_lengths(self.ssm_state.shape[0], self.ssm_state.device)
+
+    @property
+    def length(self) -> int:
+        """The tokens every row has read (ValueError when rows differ: read `lengths`)."""
+        return common_length(self.lengths)
 
     def nbytes(self) -> int:
         return (self.conv_state.numel() * self.conv_state.element_size()
@@ -111,8 +125,9 @@ class Mamba(nn.Module):
         segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H). With `cache`, x continues the cached sequence and the cache
-        advances by T. positions and mu_prev are accepted and ignored (same call signature as
-        the attention mixers; order is implicit in the recurrence and Mamba does not read mu).
+        advances by T (by cache.input_lengths (B,) for right-padded rows). positions and
+        mu_prev are accepted and ignored (same call signature as the attention mixers; order is
+        implicit in the recurrence and Mamba does not read mu).
 
         segment_ids (B, T): packed rows. Each example runs as if alone: the conv sees no input
         of another example and the SSM state restarts at each example's first token. No cache
@@ -131,6 +146,8 @@ class Mamba(nn.Module):
         dt, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # Step sizes and A in fp32: exp(delta * A) is sensitive to rounding in low precision.
         delta = F.softplus(self._fp32_dt_proj(dt))  # (B, T, Din)
+        if cache is not None and cache.input_lengths is not None:
+            delta = self._freeze_on_padding(delta, cache.input_lengths)
         a = -torch.exp(self.A_log.float())  # (Din, N)
         if cache is not None and seq == 1:
             y, h = selective_scan_step(cache.ssm_state, xs[:, 0], delta[:, 0], a, b[:, 0],
@@ -142,7 +159,7 @@ class Mamba(nn.Module):
                                           reset=starts)
         if cache is not None:
             cache.ssm_state.copy_(h.detach())
-            cache.length += seq
+            cache.lengths = advanced(cache.lengths, seq, cache.input_lengths)
         return self.out_proj(y * F.silu(z))
 
     def _fp32_dt_proj(self, dt: torch.Tensor) -> torch.Tensor:
@@ -169,9 +186,28 @@ class Mamba(nn.Module):
             x = F.pad(x, (past, 0))  # (B, Din, K-1+T)
         else:
             x = torch.cat([cache.conv_state.to(x.dtype), x], dim=-1)  # (B, Din, K-1+T)
-            cache.conv_state.copy_(x[:, :, x.shape[-1] - past:].detach())
+            cache.conv_state.copy_(self._last_conv_inputs(x, cache.input_lengths).detach())
         weight, bias = self._conv_params(x.dtype)
         return F.conv1d(x, weight, bias, groups=self.inner)
+
+    def _last_conv_inputs(self, x: torch.Tensor, input_lengths: torch.Tensor | None
+                          ) -> torch.Tensor:
+        """x (B, Din, K-1+T): cached past + new inputs -> the conv state after the call
+        (B, Din, K-1): the K-1 inputs before each row's end (T, or input_lengths[b] for a
+        right-padded row, so padding never enters the state)."""
+        past = self.d_conv - 1
+        if input_lengths is None:
+            return x[:, :, x.shape[-1] - past:]
+        slots = input_lengths[:, None] + torch.arange(past, device=x.device)  # (B, K-1)
+        return x.gather(2, slots[:, None, :].expand(-1, x.shape[1], -1))
+
+    @staticmethod
+    def _freeze_on_padding(delta: torch.Tensor, input_lengths: torch.Tensor) -> torch.Tensor:
+        """delta (B, T, Din) with zero steps at each row's padded tokens (t >= input_lengths):
+        a zero step decays nothing (exp(0 * A) = 1) and adds nothing (0 * B * x), so the SSM
+        state carries the row's last real token through the padding unchanged."""
+        real = torch.arange(delta.shape[1], device=delta.device) < input_lengths[:, None]
+        return delta * real[:, :, None].to(delta.dtype)  # (B, T, Din)
 
     def _segment_conv(self, x: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """The causal depthwise conv of packed rows: x (B, Din, T), starts (B, T) bool ->

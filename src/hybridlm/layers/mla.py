@@ -28,6 +28,13 @@ from torch import nn
 
 from hybridlm.config import ModelConfig
 from hybridlm.layers.attention import segment_mask
+from hybridlm.layers.cache_rows import (
+    advanced,
+    common_length,
+    position_mask,
+    write_rows,
+    zero_lengths,
+)
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import RotaryEmbedding, apply_rope
 from hybridlm.ops import attention
@@ -35,7 +42,8 @@ from hybridlm.ops import attention
 
 @dataclass
 class MLACache:
-    """Preallocated latent cache of one MLA layer; `length` tokens are filled.
+    """Preallocated latent cache of one MLA layer; row b holds `lengths[b]` tokens, its token p
+    in slot p (see layers/cache_rows.py).
 
     Holds only what MLA needs to rebuild attention: the normalised latent and the already
     rotated shared RoPE key. No per-head keys or values.
@@ -43,22 +51,26 @@ class MLACache:
 
     c_kv: torch.Tensor  # (B, max_len, r)
     k_rope: torch.Tensor  # (B, max_len, dr)
-    length: int = 0
+    lengths: torch.Tensor | None = None  # (B,) long; None: zeros
+    input_lengths: torch.Tensor | None = None  # (B,) real tokens per row of the current call
+
+    def __post_init__(self) -> None:
+        if self.lengths is None:
+            self.lengths = zero_lengths(self.c_kv.shape[0], self.c_kv.device)
+
+    @property
+    def length(self) -> int:
+        """The tokens every row holds (ValueError when rows differ: read `lengths`)."""
+        return common_length(self.lengths)
 
     def append(
         self, c_kv: torch.Tensor, k_rope: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write c_kv (B, T, r) / k_rope (B, T, dr) after the filled part; return (B, S, .)."""
-        start, end = self.length, self.length + c_kv.shape[1]
-        capacity = self.c_kv.shape[1]
-        if end > capacity:
-            raise ValueError(
-                f"MLA cache holds {capacity} tokens; {end} requested "
-                f"({start} cached + {c_kv.shape[1]} new)"
-            )
-        self.c_kv[:, start:end] = c_kv
-        self.k_rope[:, start:end] = k_rope
-        self.length = end
+        """Write c_kv (B, T, r) / k_rope (B, T, dr) at each row's next slots; return every slot
+        in use (B, S, .). Rows advance by `input_lengths` (default T)."""
+        end = write_rows(self.c_kv, c_kv, self.lengths, 1, "MLA cache")
+        write_rows(self.k_rope, k_rope, self.lengths, 1, "MLA cache")
+        self.lengths = advanced(self.lengths, c_kv.shape[1], self.input_lengths)
         return self.c_kv[:, :end], self.k_rope[:, :end]
 
     def nbytes(self) -> int:
@@ -116,6 +128,8 @@ class MultiHeadLatentAttention(nn.Module):
         segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, H), positions (T,) absolute -> (B, T, H). mu_prev is accepted and ignored.
+        With a cache whose rows hold different lengths, positions are per row (B, T) and
+        masks are per row, as in the GQA mixer.
 
         segment_ids (B, T): packed rows, as in the GQA mixer (block-diagonal causal mask,
         positions (B, T)); not with a cache."""
@@ -129,7 +143,9 @@ class MultiHeadLatentAttention(nn.Module):
         # Absorption pays off when K/V would be rebuilt for every cached token at each step,
         # i.e. decoding with a cache; a cacheless full forward uses the plain form.
         attend = self._attend_absorbed if (self.absorb and cache is not None) else self._attend
-        mask = segment_mask(segment_ids) if segment_ids is not None else None
+        mask = (segment_mask(segment_ids) if segment_ids is not None
+                else position_mask(positions, c_kv.shape[1]) if positions.dim() == 2
+                else None)  # None: bottom-right causal
         y = attend(q_nope, q_rope, c_kv, k_rope, mask)  # (B, nh, T, d)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 

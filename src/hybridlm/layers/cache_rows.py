@@ -1,0 +1,60 @@
+"""Per-sequence positions of the layer caches: each row of a batch holds its own number of
+tokens, `lengths` (B,) long, so sequences of different lengths decode together.
+
+Every cache stores a row's token p in slot p (slot 0 = the row's first token). A call may
+feed right-padded tokens: `input_lengths` (B,) says how many of its T tokens are real per row.
+The padded tokens are written too (they land in slots past the row's new length, which later
+writes overwrite) but the row's length advances by its real tokens only; attention masks
+slots by position (`position_mask`), so a real token never sees a padded one.
+
+Glossary: B batch, T new tokens, S key slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def zero_lengths(batch: int, device: torch.device) -> torch.Tensor:
+    """(B,) long zeros: the lengths of a new, empty cache."""
+    return torch.zeros(batch, dtype=torch.long, device=device)
+
+
+def common_length(lengths: torch.Tensor) -> int:
+    """The one length every row holds; ValueError when the rows differ (read `lengths`)."""
+    first = int(lengths[0]) if lengths.numel() else 0
+    if lengths.numel() and not bool((lengths == first).all()):
+        raise ValueError(f"the cache's rows hold different lengths {lengths.tolist()}: read "
+                         "`lengths` (batch,) instead of `length`")
+    return first
+
+
+def advanced(lengths: torch.Tensor, seq: int, input_lengths: torch.Tensor | None
+             ) -> torch.Tensor:
+    """Lengths after a call of T = seq tokens, of which input_lengths (B,) are real per row."""
+    return lengths + (seq if input_lengths is None else input_lengths)
+
+
+def write_rows(buffer: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor, dim: int,
+               what: str) -> int:
+    """Write new (T tokens along `dim`) into buffer at each row's own slots lengths[b] ..
+    lengths[b] + T - 1; return the number of slots in use after it (max over rows)."""
+    seq, capacity = new.shape[dim], buffer.shape[dim]
+    end = int(lengths.max()) + seq
+    if end > capacity:
+        raise ValueError(f"{what} holds {capacity} tokens; {end} requested "
+                         f"({end - seq} cached + {seq} new)")
+    shape = [1] * new.dim()
+    shape[dim] = seq
+    steps = torch.arange(seq, device=new.device).view(shape)
+    slots = lengths.view([-1] + [1] * (new.dim() - 1)) + steps  # broadcasts to new's shape
+    buffer.scatter_(dim, slots.expand_as(new), new.to(buffer.dtype))
+    return end
+
+
+def position_mask(positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """positions (B, T) of the queries -> (B, 1, T, S) bool, True = attend: the query at
+    position p sees slots 0 .. p of its own row (causal per row; the slots after a row's
+    length, padding or stale, lie beyond p for every real query)."""
+    slots = torch.arange(num_keys, device=positions.device)
+    return (slots[None, None, :] <= positions[:, :, None])[:, None]
