@@ -312,12 +312,10 @@ class HybridLM(nn.Module):
     # --- MoE load balancing ----------------------------------------------------------------
     def balance_step(self, reduce: Callable[[torch.Tensor], None] | None = None) -> None:
         """Update every MoE layer's balancing state from the expert loads gathered since the
-        last call; call it after every optimizer step. Loads are summed over data-parallel
-        ranks first (`reduce`, default: all_reduce when torch.distributed is initialised)."""
-        if reduce is None and torch.distributed.is_available() and (
-            torch.distributed.is_initialized()
-        ):
-            reduce = torch.distributed.all_reduce
+        last call; call it after every optimizer step. `reduce` sums each layer's loads (E,)
+        over data-parallel ranks in place (the trainer passes
+        `hybridlm.parallel.sum_over_ranks`); None: this process's loads alone. The model
+        never calls torch.distributed itself."""
         for module in self.modules():
             if isinstance(module, MoEMLP):
                 load = module.pending_load().clone()

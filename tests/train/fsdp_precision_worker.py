@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from hybridlm import HybridLM, ModelConfig
 from hybridlm.train import distributed
-from hybridlm.train.distributed import init_distributed, shutdown, wrap
+from hybridlm.parallel import init_distributed, shutdown, wrap
 from hybridlm.train.optim import build_optimizer
 
 

@@ -39,7 +39,7 @@ from hybridlm.train.checkpoint import (
     save_checkpoint,
 )
 from hybridlm.train.config import TrainConfig
-from hybridlm.train.distributed import DistContext, init_distributed, shutdown, wrap
+from hybridlm.parallel import DistContext, init_distributed, shutdown, sum_over_ranks, wrap
 from hybridlm.train.metrics import METRICS_FILE, MetricsLogger, read_metrics
 from hybridlm.train.optim import build_optimizer
 from hybridlm.train.schedule import describe_lrs, lr_multiplier
@@ -468,7 +468,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool,
             loss_value = ctx.all_reduce_mean(loss_sum, device)
             if math.isfinite(grad_norm) and math.isfinite(loss_value):
                 optimizer.step()
-                plain.balance_step()
+                plain.balance_step(reduce=sum_over_ranks)  # loads summed over ranks
                 state["bad_in_a_row"] = 0
             else:  # skip: no update from this batch, but the data position moves on
                 state["skipped_steps"] += 1
