@@ -148,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         )
     stop_strings = None
     if args.chat:  # render the prompt as a user turn with the model's chat template
-        from hybridlm.train.sft_data import ChatTemplate
+        from hybridlm.chat import ChatTemplate
 
         template = ChatTemplate.load(args.model)
         prompt_ids = template.render_prompt([{"role": "user", "content": args.prompt}],

@@ -25,12 +25,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from hybridlm.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from hybridlm.checkpoint import check_weights, load_config
 from hybridlm.config import ModelConfig
 from hybridlm.data import WindowSampler, iter_eval_windows, load_prepared
 from hybridlm.layers.moe import causal_routing
 from hybridlm.model import HybridLM, count_targets
 from hybridlm.outputs import claim_run_dir, copy_file_atomic, staged_file
+from hybridlm.parallel import DistContext, init_distributed, shutdown, sum_over_ranks, wrap
 from hybridlm.train.checkpoint import (
     checkpoint_step,
     latest_checkpoint,
@@ -39,11 +41,9 @@ from hybridlm.train.checkpoint import (
     save_checkpoint,
 )
 from hybridlm.train.config import TrainConfig
-from hybridlm.parallel import DistContext, init_distributed, shutdown, sum_over_ranks, wrap
 from hybridlm.train.metrics import METRICS_FILE, MetricsLogger, read_metrics
 from hybridlm.train.optim import build_optimizer
 from hybridlm.train.schedule import describe_lrs, lr_multiplier
-from hybridlm.train.sft_data import CHAT_TEMPLATE_FILE
 
 CONFIG_FILE = "train_config.json"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -296,7 +296,7 @@ def _pretrain_inputs(cfg: TrainConfig) -> RunInputs:
 
 def _sft_inputs(cfg: TrainConfig) -> RunInputs:
     from hybridlm.data import Tokenizer
-    from hybridlm.train.sft_data import ChatTemplate, SFTBatches, load_sft_dataset
+    from hybridlm.train.sft_data import SFTBatches, load_sft_dataset
 
     if cfg.init_from is None:
         raise ValueError("task='sft' needs init_from: the model directory to fine-tune")
