@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from hybridlm.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from hybridlm.checkpoint import check_weights, load_config
 from hybridlm.config import ModelConfig
-from hybridlm.data import WindowSampler, iter_eval_windows, load_prepared
-from hybridlm.layers.moe import causal_routing
+from hybridlm.data import WindowSampler, load_prepared
+from hybridlm.eval import evaluate
 from hybridlm.model import HybridLM, count_targets
 from hybridlm.outputs import claim_run_dir, copy_file_atomic, staged_file
 from hybridlm.parallel import DistContext, init_distributed, shutdown, sum_over_ranks, wrap
@@ -133,29 +133,6 @@ def warn_if_training_loss_not_causal(model: HybridLM, has_validation: bool) -> N
         f"false) is not a causal language-model loss; {held_out}",
         NonCausalLossWarning, stacklevel=2,
     )
-
-
-@torch.no_grad()
-def evaluate(model, tokens, seq_len: int, batch_size: int, max_batches: int,
-             device: torch.device, autocast=None) -> float:
-    """Mean next-token loss (nats/token, no aux losses) over contiguous windows of `seq_len`
-    tokens of a held-out split (consecutive windows share one token: each token is predicted
-    once). Causal: expert-choice layers route by token choice here (`causal_routing`), so no
-    prediction sees a later token and the loss does not depend on the batch it is in."""
-    was_training = model.training
-    model.eval()
-    autocast = autocast or contextlib.nullcontext()
-    total, count = 0.0, 0
-    with causal_routing(model):
-        for window in iter_eval_windows(tokens, seq_len - 1, batch_size, max_batches):
-            window = window.to(device)
-            with autocast:
-                loss = model(window, labels=window).aux["lm_loss"]
-            n = window.shape[0] * (window.shape[1] - 1)
-            total += loss.item() * n
-            count += n
-    model.train(was_training)
-    return total / count
 
 
 def _micro_batches(batch, micro: int) -> list[dict[str, torch.Tensor]]:
