@@ -29,6 +29,7 @@ from hybridlm.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from hybridlm.checkpoint import check_weights, load_config
 from hybridlm.config import ModelConfig
 from hybridlm.data import WindowSampler, load_prepared
+from hybridlm.errors import RunError
 from hybridlm.eval import evaluate
 from hybridlm.model import HybridLM, count_targets
 from hybridlm.outputs import claim_run_dir, copy_file_atomic, staged_file
@@ -63,7 +64,7 @@ class TrainResult:
     train_loss_causal: bool = True
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunError):
     """Raised when too many steps in a row had a non-finite loss or gradient."""
 
 
