@@ -267,7 +267,7 @@ class HybridLM(nn.Module):
         """Continue input_ids (B, T0) by up to max_new_tokens with a KV cache -> (B, T0 + n).
         do_sample=False is greedy. Sequences that emitted eos_token_id are padded with it, as
         are those whose text reached one of `stop_strings` (decoded with `tokenizer`)."""
-        from hybridlm.infer.generate import generate
+        from hybridlm.infer.generate import generate  # infer builds on the model: call down
 
         self._check_causal()
         return generate(
@@ -340,7 +340,7 @@ class HybridLM(nn.Module):
                 inactive += (experts.num_experts - used) * per_expert
         return total - round(inactive)
 
-    # --- checkpoints ---------------------------------------------------------------------------
+    # --- checkpoints (hybridlm.checkpoint, imported when called: it imports this module) ----
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json + model.safetensors into `directory` (created if needed)."""
         from hybridlm.checkpoint import save_model
