@@ -225,6 +225,7 @@ def test_identify_nothing_empty_and_file(tmp_path):
 
 
 def test_the_markers_are_the_names_the_writers_use():
+    from hybridlm.chat import CHAT_TEMPLATE_FILE
     from hybridlm.checkpoint import CONFIG_NAME, WEIGHTS_NAME
     from hybridlm.data.shards import (
         COUNTS_FILENAME,
@@ -236,7 +237,6 @@ def test_the_markers_are_the_names_the_writers_use():
     from hybridlm.data.tokenizer import TOKENIZER_FILENAME
     from hybridlm.train.checkpoint import checkpoint_dir
     from hybridlm.train.metrics import METRICS_FILE, TENSORBOARD_DIR
-    from hybridlm.train.sft_data import CHAT_TEMPLATE_FILE
     from hybridlm.train.trainer import CONFIG_FILE
 
     assert {CONFIG_FILE, METRICS_FILE, CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_FILENAME,

@@ -3,13 +3,16 @@
 Writes go to a temporary sibling directory that is renamed into place, so a crash never
 leaves a half-written model. Loading checks every tensor name and shape and reports all
 problems at once.
+
+Imports point one way: this module builds on the model (`load_model` constructs one);
+`HybridLM.save_pretrained` / `from_pretrained` are thin wrappers that import it only when
+called, so importing the model loads no IO code and no module imports the other back.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -17,10 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from hybridlm.config import ModelConfig
 from hybridlm.config_check import ConfigError
+from hybridlm.model import HybridLM
 from hybridlm.outputs import entries, link_or_copy, staged_dir
-
-if TYPE_CHECKING:
-    from hybridlm.model import HybridLM
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -118,6 +119,8 @@ def _check_shapes(weights: Path, found: dict[str, tuple[int, ...]], model: Hybri
 def load_model(
     cls: type[HybridLM], directory: str | Path, device: str | torch.device = "cpu"
 ) -> HybridLM:
+    """`cls` (HybridLM or a subclass) built from `directory/config.json`, on `device`, with
+    the weights of `directory/model.safetensors`."""
     config = load_config(directory)
     model = cls(config).to(device)
     load_weights(model, directory)

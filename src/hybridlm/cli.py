@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from hybridlm.config import PRESETS
+from hybridlm.errors import run_reporting_errors
+from hybridlm.train.command import add_train_arguments, run_sft_command, run_train_command
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -69,52 +70,6 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
                       "shards": meta["shards"]}))
 
 
-TRAIN_FLAGS = {  # flag -> (TrainConfig field, type); unset flags keep the config file's value
-    "--data": ("data", str), "--out": ("out", str), "--preset": ("preset", str),
-    "--steps": ("steps", int), "--batch-size": ("global_batch_size", int),
-    "--micro-batch-size": ("micro_batch_size", int), "--seq-len": ("seq_len", int),
-    "--lr": ("lr", float), "--warmup-steps": ("warmup_steps", int),
-    "--schedule": ("schedule", str), "--eval-every": ("eval_every", int),
-    "--eval-batches": ("eval_batches", int), "--checkpoint-every": ("checkpoint_every", int),
-    "--max-minutes": ("max_minutes", float), "--seed": ("seed", int),
-    "--device": ("device", str), "--parallel": ("parallel", str),
-}
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML/JSON run file (TrainConfig fields; `model:` overrides)")
-    for flag, (field, kind) in TRAIN_FLAGS.items():
-        p.add_argument(flag, dest=field, type=kind, default=None)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile blocks")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--reschedule", action="store_true",
-                   help="with --resume: accept a new --steps, which changes the learning rate "
-                        "of the remaining steps (the new schedule is printed)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a field; model.FIELD=VALUE overrides the model config")
-
-
-def run_train_command(args: argparse.Namespace) -> None:
-    from hybridlm.train import load_train_config, train
-
-    overrides = {field: getattr(args, field) for field, _ in TRAIN_FLAGS.values()}
-    overrides["compile"] = args.compile
-    cfg = load_train_config(args.config, overrides, args.set)
-    result = train(cfg, resume=args.resume, reschedule=args.reschedule)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
-        print(json.dumps(vars(result)))
-
-
-def cmd_sft(args: argparse.Namespace) -> None:
-    from hybridlm.train import load_train_config, train
-
-    overrides = {field: getattr(args, field) for field, _ in TRAIN_FLAGS.values()}
-    overrides.update(task="sft", init_from=args.model, compile=args.compile)
-    cfg = load_train_config(args.config, overrides, args.set)
-    result = train(cfg, resume=args.resume, reschedule=args.reschedule)
-    print(json.dumps(vars(result)))
-
-
 def cmd_plot(args: argparse.Namespace) -> None:
     from hybridlm.train.plots import plot_run
 
@@ -148,7 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         )
     stop_strings = None
     if args.chat:  # render the prompt as a user turn with the model's chat template
-        from hybridlm.train.sft_data import ChatTemplate
+        from hybridlm.chat import ChatTemplate
 
         template = ChatTemplate.load(args.model)
         prompt_ids = template.render_prompt([{"role": "user", "content": args.prompt}],
@@ -244,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="fine-tune a model directory on prompt/response or chat jsonl")
     p.add_argument("--model", required=True, help="model directory to start from")
     add_train_arguments(p)
-    p.set_defaults(func=cmd_sft)
+    p.set_defaults(func=run_sft_command)
 
     p = sub.add_parser("plot", help="write PNG plots of a run's metrics into RUN_DIR/plots")
     p.add_argument("run_dir")
@@ -276,53 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train OUT/model again, replacing an earlier demo's model once done")
     p.set_defaults(func=cmd_demo)
     return parser
-
-
-def describe_os_error(err: OSError) -> str:
-    """'Permission denied: runs/x/tokenizer.json' rather than "[Errno 13] Permission denied:
-    'runs/x/tokenizer.json'"; errors of our own (no errno) keep their message."""
-    if err.strerror is None:
-        return str(err)
-    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
-    return f"{err.strerror}: {' -> '.join(paths)}" if paths else err.strerror
-
-
-def one_line(message: str) -> str:
-    """Some messages (YAML's parse errors) span lines; the error stays one line."""
-    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
-
-
-def stop_writing_stdout() -> None:
-    """Python flushes stdout at exit: into a closed pipe that would raise once more."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):  # stdout is not a file (captured, or already closed)
-        pass
-
-
-def run_reporting_errors(func, args: argparse.Namespace, name: str) -> int:
-    """Run a command; bad input, an unreadable or unwritable path (OSError: permissions, a
-    full disk, a missing file) or a run stopped by non-finite losses ends in one line on
-    stderr and exit code 2, not a traceback. Ctrl-C ends in one line and exit code 130; a
-    closed stdout (`| head`) in silence and exit code 141. Anything else is a bug and keeps
-    its traceback."""
-    from hybridlm.train.trainer import NonFiniteError
-
-    try:
-        func(args)
-    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
-        stop_writing_stdout()
-        return 141  # 128 + SIGPIPE, as a tool killed by the closed pipe reports
-    except OSError as err:  # the environment, not the code: name the path and stop
-        print(f"hybridlm {name}: error: {one_line(describe_os_error(err))}", file=sys.stderr)
-        return 2
-    except (ValueError, NonFiniteError) as err:
-        print(f"hybridlm {name}: error: {one_line(str(err))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"hybridlm {name}: interrupted", file=sys.stderr)
-        return 130
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

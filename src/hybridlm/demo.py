@@ -24,6 +24,7 @@ from hybridlm.data import (
     unigram_loss,
 )
 from hybridlm.data.tokenizer import check_vocab_size
+from hybridlm.eval import evaluate
 from hybridlm.model import HybridLM
 from hybridlm.outputs import (
     DEMO,
@@ -36,7 +37,7 @@ from hybridlm.outputs import (
     staged_dir,
 )
 from hybridlm.train import TrainConfig, train
-from hybridlm.train.trainer import CONFIG_FILE, TrainResult, evaluate
+from hybridlm.train.trainer import CONFIG_FILE, TrainResult
 
 
 def prepare_demo_data(out: Path, vocab_size: int, overwrite: bool = False) -> Path:

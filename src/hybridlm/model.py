@@ -321,7 +321,7 @@ class HybridLM(nn.Module):
         Prompts of different lengths: a list of id lists (-> a list of id lists, each prompt
         + its own new tokens), or input_ids with attention_mask (B, T0) for left- or
         right-padded rows (-> (B, T0 + n)); see `hybridlm.infer.generate.generate`."""
-        from hybridlm.infer.generate import generate
+        from hybridlm.infer.generate import generate  # infer builds on the model: call down
 
         self._check_causal()
         return generate(
@@ -368,12 +368,10 @@ class HybridLM(nn.Module):
     # --- MoE load balancing ----------------------------------------------------------------
     def balance_step(self, reduce: Callable[[torch.Tensor], None] | None = None) -> None:
         """Update every balanced layer's state from the expert loads gathered since the
-        last call; call it after every optimizer step. Loads are summed over data-parallel
-        ranks first (`reduce`, default: all_reduce when torch.distributed is initialised)."""
-        if reduce is None and torch.distributed.is_available() and (
-            torch.distributed.is_initialized()
-        ):
-            reduce = torch.distributed.all_reduce
+        last call; call it after every optimizer step. `reduce` sums each layer's loads (E,)
+        over data-parallel ranks in place (the trainer passes
+        `hybridlm.parallel.sum_over_ranks`); None: this process's loads alone. The model
+        never calls torch.distributed itself."""
         for mlp in self._balanced_mlps():
             load = mlp.pending_load().clone()
             if reduce is not None:
@@ -391,7 +389,7 @@ class HybridLM(nn.Module):
         inactive = sum(m.inactive_parameters() for m in self.modules() if isinstance(m, ExpertMLP))
         return total - round(inactive)
 
-    # --- checkpoints ---------------------------------------------------------------------------
+    # --- checkpoints (hybridlm.checkpoint, imported when called: it imports this module) ----
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json + model.safetensors into `directory` (created if needed)."""
         from hybridlm.checkpoint import save_model

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hybridlm.chat import ChatTemplate
 from hybridlm.cli import main
 from hybridlm.infer.generate import cut_at_stop_strings, generate
-from hybridlm.train.sft_data import ChatTemplate
 
 REPLY = "Five."
 INVENTED = "<|user|>\nAnd six plus one?"

@@ -21,8 +21,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from hybridlm import HybridLM, ModelConfig
-from hybridlm.train import distributed
-from hybridlm.train.distributed import init_distributed, shutdown, wrap
+from hybridlm.parallel import data_parallel as distributed
+from hybridlm.parallel import init_distributed, shutdown, wrap
 from hybridlm.train.optim import build_optimizer
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hybridlm import HybridLM, ModelConfig
-from hybridlm.train.distributed import DistContext
+from hybridlm.parallel import DistContext
 from hybridlm.train.trainer import backward_global_batch
 
 ROWS, SEQ, VOCAB = 4, 16, 61
@@ -133,7 +133,7 @@ def rank_worker(out_dir: str) -> None:
     rank 0 writes the full gradients and the reported loss of each."""
     import torch.distributed as dist
 
-    from hybridlm.train.distributed import init_distributed, shutdown, wrap
+    from hybridlm.parallel import init_distributed, shutdown, wrap
 
     for parallel in PARALLEL:  # one process group (created by the first call) serves both
         ctx = init_distributed(parallel)

@@ -371,11 +371,7 @@ def prepare_corpus(
         ValueError: bad options, malformed input, duplicate ids, or an empty train split;
             :class:`~hybridlm.outputs.OutputError` for an ``out_dir`` it may not write.
     """
-    check_fractions(val_fraction, test_fraction)
-    check_shard_tokens(shard_tokens)
-    workers = default_workers() if workers is None else workers
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    workers = _check_options(val_fraction, test_fraction, shard_tokens, workers)
     paths = _as_path_list(inputs)
     if not paths:
         raise ValueError("no input paths given")
@@ -384,15 +380,10 @@ def prepare_corpus(
     fingerprint = corpus_fingerprint(paths, tok_json, val_fraction, test_fraction, shard_tokens)
     out = check_output_path(out_dir, flag="")
     check_not_an_input(out, {"--input": paths}, flag="")
-    existing = read_meta(out)
-    if existing is not None and existing.get("fingerprint") == fingerprint:
-        try:
-            load_prepared(out)
-        except (OSError, ValueError):
-            pass  # files went missing since: prepare again
-        else:
-            print(f"{out} is up to date (fingerprint {fingerprint[:12]}); nothing to do")
-            return existing
+    existing = _up_to_date_meta(out, fingerprint)
+    if existing is not None:
+        print(f"{out} is up to date (fingerprint {fingerprint[:12]}); nothing to do")
+        return existing
     claim_output(out, PREPARED, overwrite=overwrite, flag="")
 
     vocab_size = Tokenizer.from_file(tok_file).vocab_size
@@ -404,6 +395,29 @@ def prepare_corpus(
         meta["fingerprint"] = fingerprint
         write_meta(staging, meta)
     return meta
+
+
+def _check_options(val_fraction: float, test_fraction: float, shard_tokens: int,
+                   workers: int | None) -> int:
+    """Refuse bad options before any file is read; returns the number of workers."""
+    check_fractions(val_fraction, test_fraction)
+    check_shard_tokens(shard_tokens)
+    workers = default_workers() if workers is None else workers
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    return workers
+
+
+def _up_to_date_meta(out: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The metadata of complete prepared data in `out` with this fingerprint, else None."""
+    existing = read_meta(out)
+    if existing is None or existing.get("fingerprint") != fingerprint:
+        return None
+    try:
+        load_prepared(out)
+    except (OSError, ValueError):
+        return None  # files went missing since: prepare again
+    return existing
 
 
 def _quiet(progress: bool) -> bool | None:
@@ -418,35 +432,11 @@ def _write_corpus(paths: list[Path], files: list[Path], tok_json: bytes, out: Pa
     """Tokenize the corpus into the empty directory ``out``; returns the metadata, which the
     caller writes (``meta.json`` marks the directory complete)."""
     dtype = token_dtype(vocab_size)
-    sizes = [f.stat().st_size for f in files]
     (out / TOKENIZER_FILENAME).write_bytes(tok_json)
     tmp = out / TMP_TOKENS_FILENAME
     try:
-        his, los, lens = [], [], []
-        total = 0
-        with open(tmp, "wb", buffering=1 << 20) as f, tqdm(
-            total=sum(sizes), unit="B", unit_scale=True, desc="tokenize", disable=_quiet(progress),
-            mininterval=1.0, dynamic_ncols=True,
-        ) as bar:
-            n_docs = 0
-            for (docs, done), (tokens, lengths, hi, lo) in _run_tasks(
-                _tasks(paths, sizes), workers, out / TOKENIZER_FILENAME, dtype
-            ):
-                f.write(tokens)
-                his.append(hi)
-                los.append(lo)
-                lens.append(lengths)
-                total += int(tokens.size)
-                n_docs += docs
-                bar.update(done - bar.n)
-                bar.set_postfix(docs=n_docs, tokens=total, refresh=False)
-        if total == 0:
-            raise ValueError(
-                f"corpus at {', '.join(map(str, paths))} contains no non-empty documents"
-            )
-        key_hi, key_lo = np.concatenate(his), np.concatenate(los)
-        lengths = np.concatenate(lens)
-        del his, los, lens
+        total, key_hi, key_lo, lengths = _tokenize_into(tmp, paths, files, out, dtype, workers,
+                                                        progress)
         try:
             parts = split_indices(key_hi, key_lo, val_fraction, test_fraction)
         except DuplicateKeyError as err:
@@ -456,27 +446,8 @@ def _write_corpus(paths: list[Path], files: list[Path], tok_json: bytes, out: Pa
             ) from None
         if parts["train"].size == 0:
             raise ValueError("the 'train' split has no documents")
-        starts = np.cumsum(lengths) - lengths
-        # a plain ndarray view of the map: slicing it per document is cheap
-        source = np.memmap(tmp, dtype=dtype, mode="r", shape=(total,)).view(np.ndarray)
-        indexes: dict[str, dict[str, Any]] = {}
-        counts = np.zeros(vocab_size, dtype=np.int64)
-        with tqdm(total=total, unit="tok", unit_scale=True, desc="write shards",
-                  disable=_quiet(progress), mininterval=1.0, dynamic_ncols=True) as bar:
-            for name, order in parts.items():
-                writer = SplitWriter(out / name, dtype, int(shard_tokens),
-                                      vocab_size if name == "train" else None)
-                try:
-                    for s, n in zip(starts[order].tolist(), lengths[order].tolist(),
-                                    strict=True):
-                        writer.add(source[s:s + n])
-                        bar.update(n)
-                    indexes[name] = writer.finish()
-                finally:
-                    writer.abort()
-                if writer.counts is not None:
-                    counts = writer.counts
-        del source
+        indexes, counts = _write_shards(tmp, total, lengths, parts, out, dtype, vocab_size,
+                                        shard_tokens, progress)
     finally:
         tmp.unlink(missing_ok=True)
     np.save(out / COUNTS_FILENAME, counts)
@@ -495,3 +466,61 @@ def _write_corpus(paths: list[Path], files: list[Path], tok_json: bytes, out: Pa
         "fingerprint": None,
     }
     return meta
+
+
+def _tokenize_into(tmp: Path, paths: list[Path], files: list[Path], out: Path, dtype: np.dtype,
+                   workers: int, progress: bool
+                   ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Every document's tokens, in input order, into the file `tmp` -> (total tokens, the
+    split keys hi and lo of each document, each document's length)."""
+    sizes = [f.stat().st_size for f in files]
+    his, los, lens = [], [], []
+    total = 0
+    with open(tmp, "wb", buffering=1 << 20) as f, tqdm(
+        total=sum(sizes), unit="B", unit_scale=True, desc="tokenize", disable=_quiet(progress),
+        mininterval=1.0, dynamic_ncols=True,
+    ) as bar:
+        n_docs = 0
+        for (docs, done), (tokens, lengths, hi, lo) in _run_tasks(
+            _tasks(paths, sizes), workers, out / TOKENIZER_FILENAME, dtype
+        ):
+            f.write(tokens)
+            his.append(hi)
+            los.append(lo)
+            lens.append(lengths)
+            total += int(tokens.size)
+            n_docs += docs
+            bar.update(done - bar.n)
+            bar.set_postfix(docs=n_docs, tokens=total, refresh=False)
+    if total == 0:
+        raise ValueError(
+            f"corpus at {', '.join(map(str, paths))} contains no non-empty documents"
+        )
+    return total, np.concatenate(his), np.concatenate(los), np.concatenate(lens)
+
+
+def _write_shards(tmp: Path, total: int, lengths: np.ndarray, parts: dict[str, np.ndarray],
+                  out: Path, dtype: np.dtype, vocab_size: int, shard_tokens: int,
+                  progress: bool) -> tuple[dict[str, dict[str, Any]], np.ndarray]:
+    """The documents of `tmp` into each split's shards, in the split's order -> (each split's
+    index, the train split's token counts (V,))."""
+    starts = np.cumsum(lengths) - lengths
+    # a plain ndarray view of the map: slicing it per document is cheap
+    source = np.memmap(tmp, dtype=dtype, mode="r", shape=(total,)).view(np.ndarray)
+    indexes: dict[str, dict[str, Any]] = {}
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    with tqdm(total=total, unit="tok", unit_scale=True, desc="write shards",
+              disable=_quiet(progress), mininterval=1.0, dynamic_ncols=True) as bar:
+        for name, order in parts.items():
+            writer = SplitWriter(out / name, dtype, int(shard_tokens),
+                                  vocab_size if name == "train" else None)
+            try:
+                for s, n in zip(starts[order].tolist(), lengths[order].tolist(), strict=True):
+                    writer.add(source[s:s + n])
+                    bar.update(n)
+                indexes[name] = writer.finish()
+            finally:
+                writer.abort()
+            if writer.counts is not None:
+                counts = writer.counts
+    return indexes, counts

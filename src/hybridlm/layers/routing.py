@@ -75,7 +75,7 @@ class Router(nn.Module):
     """Base class of routers: forward(...) -> Routing.
 
     `keeps_fp32_params`: FSDP keeps this module's own parameters in fp32 under a low
-    precision policy (train/distributed.py): set it on learned gates, whose discrete top-k
+    precision policy (parallel/data_parallel.py): set it on learned gates, whose discrete top-k
     decisions bf16 rounding would flip. `is_causal`: False when a token's slots depend on
     later tokens (expert choice), so the model refuses cached decoding.
     """

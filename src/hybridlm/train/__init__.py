@@ -1,4 +1,4 @@
-"""Training: run config, optimizer, schedules, checkpoints, distributed wrapping, the loop."""
+"""Training: run config, optimizer, schedules, checkpoints, the loop (DDP/FSDP: parallel/)."""
 
 from hybridlm.train.config import TrainConfig, load_train_config
 from hybridlm.train.trainer import NonFiniteError, TrainResult, train

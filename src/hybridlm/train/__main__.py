@@ -3,7 +3,8 @@
 import argparse
 import sys
 
-from hybridlm.cli import add_train_arguments, run_reporting_errors, run_train_command
+from hybridlm.errors import run_reporting_errors
+from hybridlm.train.command import add_train_arguments, run_train_command
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,7 +78,7 @@ def save_checkpoint(
     keep: int = 2,
     dist: Any = None,
 ) -> Path:
-    """Write the checkpoint of `step` atomically. `dist` (a train.distributed.DistContext)
+    """Write the checkpoint of `step` atomically. `dist` (a hybridlm.parallel.DistContext)
     decides who writes: rank 0 alone, or every rank through torch.distributed.checkpoint
     when the model is sharded (FSDP). Returns the final directory."""
     root = checkpoint_dir(run_dir)

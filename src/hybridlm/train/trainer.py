@@ -25,12 +25,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from hybridlm.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from hybridlm.checkpoint import check_weights, load_config
 from hybridlm.config import ModelConfig
-from hybridlm.data import WindowSampler, iter_eval_windows, load_prepared
-from hybridlm.layers.moe import causal_routing
+from hybridlm.data import WindowSampler, load_prepared
+from hybridlm.errors import RunError
+from hybridlm.eval import evaluate
 from hybridlm.model import HybridLM, count_targets
 from hybridlm.outputs import claim_run_dir, copy_file_atomic, staged_file
+from hybridlm.parallel import DistContext, init_distributed, shutdown, sum_over_ranks, wrap
 from hybridlm.train.checkpoint import (
     checkpoint_step,
     latest_checkpoint,
@@ -39,11 +42,9 @@ from hybridlm.train.checkpoint import (
     save_checkpoint,
 )
 from hybridlm.train.config import TrainConfig
-from hybridlm.train.distributed import DistContext, init_distributed, shutdown, wrap
 from hybridlm.train.metrics import METRICS_FILE, MetricsLogger, read_metrics
 from hybridlm.train.optim import build_optimizer
 from hybridlm.train.schedule import describe_lrs, lr_multiplier
-from hybridlm.train.sft_data import CHAT_TEMPLATE_FILE
 
 CONFIG_FILE = "train_config.json"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -63,7 +64,7 @@ class TrainResult:
     train_loss_causal: bool = True
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunError):
     """Raised when too many steps in a row had a non-finite loss or gradient."""
 
 
@@ -133,29 +134,6 @@ def warn_if_training_loss_not_causal(model: HybridLM, has_validation: bool) -> N
         f"false) is not a causal language-model loss; {held_out}",
         NonCausalLossWarning, stacklevel=2,
     )
-
-
-@torch.no_grad()
-def evaluate(model, tokens, seq_len: int, batch_size: int, max_batches: int,
-             device: torch.device, autocast=None) -> float:
-    """Mean next-token loss (nats/token, no aux losses) over contiguous windows of `seq_len`
-    tokens of a held-out split (consecutive windows share one token: each token is predicted
-    once). Causal: expert-choice layers route by token choice here (`causal_routing`), so no
-    prediction sees a later token and the loss does not depend on the batch it is in."""
-    was_training = model.training
-    model.eval()
-    autocast = autocast or contextlib.nullcontext()
-    total, count = 0.0, 0
-    with causal_routing(model):
-        for window in iter_eval_windows(tokens, seq_len - 1, batch_size, max_batches):
-            window = window.to(device)
-            with autocast:
-                loss = model(window, labels=window).aux["lm_loss"]
-            n = window.shape[0] * (window.shape[1] - 1)
-            total += loss.item() * n
-            count += n
-    model.train(was_training)
-    return total / count
 
 
 def _micro_batches(batch, micro: int) -> list[dict[str, torch.Tensor]]:
@@ -296,7 +274,7 @@ def _pretrain_inputs(cfg: TrainConfig) -> RunInputs:
 
 def _sft_inputs(cfg: TrainConfig) -> RunInputs:
     from hybridlm.data import Tokenizer
-    from hybridlm.train.sft_data import ChatTemplate, SFTBatches, load_sft_dataset
+    from hybridlm.train.sft_data import SFTBatches, load_sft_dataset
 
     if cfg.init_from is None:
         raise ValueError("task='sft' needs init_from: the model directory to fine-tune")
@@ -417,14 +395,73 @@ def train(cfg: TrainConfig, *, resume: bool = False, reschedule: bool = False) -
 def _train(cfg: TrainConfig, ctx: DistContext, resume: bool,
            reschedule: bool = False) -> TrainResult:
     inputs = prepare_run(cfg, resume, ctx, reschedule)
-    model, batches, checkpoint = inputs.model, inputs.batches, inputs.checkpoint
+    loop = _set_up_loop(cfg, ctx, inputs)
+    stop = _StopFlag()
+    bar = tqdm(total=cfg.steps, initial=loop.start_step, desc="train", dynamic_ncols=True,
+               disable=not (cfg.progress and ctx.is_main), mininterval=1.0)
+    t0 = time.perf_counter()
+    loss_value, val_loss, stopped, step = math.nan, math.nan, "finished", loop.start_step
+    try:
+        for step in range(loop.start_step, cfg.steps):
+            step_start = time.perf_counter()
+            loss_value, grad_norm, aux = _optimizer_step(loop, step)
+            if loop.state["bad_in_a_row"] >= cfg.max_bad_steps:
+                stopped = "non-finite"
+                break
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            record = _step_record(loop, done, loss_value, grad_norm, aux,
+                                  tokens_per_s=loop.tokens_per_step * (done - loop.start_step)
+                                  / elapsed, step_seconds=time.perf_counter() - step_start)
+            val_loss = record.get("val_loss", val_loss)
+            if done % cfg.log_every == 0 or "val_loss" in record:
+                loop.logger.log(record)
+            _show_progress(bar, record, val_loss)
+            stopped = _stop_requested(loop, stop, elapsed)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopped != "finished":
+                save_checkpoint(loop.out, done, loop.model, loop.optimizer, dict(loop.state),
+                                keep=cfg.keep_checkpoints, extra_files=inputs.extra_files,
+                                dist=ctx)
+            if stopped != "finished":
+                break
+    finally:
+        bar.close()
+        loop.logger.close()
+        stop.restore()
+    return _finish_run(loop, stopped, step, loss_value, val_loss, time.perf_counter() - t0)
+
+
+@dataclass
+class _Loop:
+    """What every step of a run shares, set up once by `_set_up_loop`."""
+
+    cfg: TrainConfig
+    ctx: DistContext
+    inputs: RunInputs
+    out: Path
+    device: torch.device
+    model: Any  # what the steps run: the HybridLM, under DDP or sharded by FSDP
+    plain: HybridLM  # the same model unwrapped (balancing, flops)
+    optimizer: torch.optim.Optimizer
+    state: dict[str, Any]  # skipped_steps, bad_in_a_row, tokens_seen: saved in checkpoints
+    start_step: int
+    micro: int  # rows per micro-batch on this rank
+    autocast: Any
+    logger: MetricsLogger
+    loss_causal: bool  # recorded with every step: see warn_if_training_loss_not_causal
+    tokens_per_step: int
+    peak_flops: float | None
+    flops_per_token: float
+
+
+def _set_up_loop(cfg: TrainConfig, ctx: DistContext, inputs: RunInputs) -> _Loop:
+    """Device, run files, wrapping, optimizer, a resumed checkpoint and the metrics log."""
     device = resolve_device(cfg.device, ctx)
     out = Path(cfg.out)
-    model = model.to(device).train()
+    model = inputs.model.to(device).train()
     if ctx.is_main:  # only now, with every check passed, does the run dir get written
         write_run_files(out, cfg, inputs)
     plain: HybridLM = model
-    loss_causal = plain.is_causal  # recorded with every step: see warn_if_training_loss_not_causal
     if ctx.is_main:
         warn_if_training_loss_not_causal(plain, inputs.val_tokens is not None)
     if cfg.compile:
@@ -434,97 +471,102 @@ def _train(cfg: TrainConfig, ctx: DistContext, resume: bool,
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0}
     start_step = 0
-    if checkpoint is not None:
-        state.update(load_checkpoint(checkpoint, model, optimizer, ctx,
+    if inputs.checkpoint is not None:
+        state.update(load_checkpoint(inputs.checkpoint, model, optimizer, ctx,
                                      state=inputs.trainer_state))
         start_step = state.pop("step")
-    micro = cfg.per_rank_micro_batch(ctx.world_size)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    logger = MetricsLogger(out, enabled=ctx.is_main,
-                           resume_step=start_step if checkpoint is not None else None)
-    val_tokens = inputs.val_tokens
-    tokens_per_step = cfg.global_batch_size * cfg.seq_len
-    peak = _peak_flops(device)
-    flops_per_token = _flops_per_token(plain, cfg.seq_len)
-    stop = _StopFlag()
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True,
-               disable=not (cfg.progress and ctx.is_main), mininterval=1.0)
-    t0 = time.perf_counter()
-    loss_value, val_loss, stopped, step = math.nan, math.nan, "finished", start_step
+    return _Loop(
+        cfg=cfg, ctx=ctx, inputs=inputs, out=out, device=device, model=model, plain=plain,
+        optimizer=optimizer, state=state, start_step=start_step,
+        micro=cfg.per_rank_micro_batch(ctx.world_size),
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"),
+        logger=MetricsLogger(out, enabled=ctx.is_main,
+                             resume_step=start_step if inputs.checkpoint is not None else None),
+        loss_causal=plain.is_causal, tokens_per_step=cfg.global_batch_size * cfg.seq_len,
+        peak_flops=_peak_flops(device), flops_per_token=_flops_per_token(plain, cfg.seq_len),
+    )
 
-    def checkpoint_now(at: int) -> None:
-        save_checkpoint(out, at, model, optimizer, dict(state), keep=cfg.keep_checkpoints,
-                        extra_files=inputs.extra_files, dist=ctx)
 
-    try:
-        for step in range(start_step, cfg.steps):
-            step_start = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_multiplier(step, cfg)
-            parts = _micro_batches(batches.batch(step, ctx.rank, ctx.world_size), micro)
-            loss_sum, aux = backward_global_batch(model, parts, ctx, device, autocast)
-            limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
-            loss_value = ctx.all_reduce_mean(loss_sum, device)
-            if math.isfinite(grad_norm) and math.isfinite(loss_value):
-                optimizer.step()
-                plain.balance_step()
-                state["bad_in_a_row"] = 0
-            else:  # skip: no update from this batch, but the data position moves on
-                state["skipped_steps"] += 1
-                state["bad_in_a_row"] += 1
-                plain.discard_balance_loads()
-            optimizer.zero_grad(set_to_none=True)
-            state["tokens_seen"] += tokens_per_step
-            if state["bad_in_a_row"] >= cfg.max_bad_steps:
-                stopped = "non-finite"
-                break
-            done = step + 1
-            elapsed = time.perf_counter() - t0
-            tokens_per_s = tokens_per_step * (done - start_step) / elapsed
-            record = {"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                      "tokens_per_s": tokens_per_s, "grad_norm": grad_norm,
-                      "step_seconds": time.perf_counter() - step_start,
-                      "skipped_steps": state["skipped_steps"], "loss_causal": loss_causal,
-                      **_router_stats(aux)}
-            if peak is not None:
-                record["mfu"] = tokens_per_s * flops_per_token / (peak * ctx.world_size)
-            if val_tokens is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
-                val_loss = evaluate(model, val_tokens, cfg.seq_len, micro, cfg.eval_batches,
-                                    device, autocast)
-                record["val_loss"] = val_loss
-            if done % cfg.log_every == 0 or "val_loss" in record:
-                logger.log(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}",
-                            lr=f"{record['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}",
-                            **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
-            timed_out = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
-            flag = torch.tensor([float(stop.raised or timed_out)], device=device)
-            if ctx.all_reduce_sum(flag).item() > 0:
-                stopped = "signal" if stop.raised else "time"
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopped != "finished":
-                checkpoint_now(done)
-            if stopped != "finished":
-                break
-    finally:
-        bar.close()
-        logger.close()
-        stop.restore()
+def _optimizer_step(loop: _Loop, step: int) -> tuple[float, float, dict[str, Any]]:
+    """One optimizer step of the global batch -> (loss over all ranks, grad norm, aux). A
+    non-finite loss or gradient skips the update (the data position still moves on)."""
+    cfg, ctx, state = loop.cfg, loop.ctx, loop.state
+    for group in loop.optimizer.param_groups:
+        group["lr"] = cfg.lr * lr_multiplier(step, cfg)
+    parts = _micro_batches(loop.inputs.batches.batch(step, ctx.rank, ctx.world_size), loop.micro)
+    loss_sum, aux = backward_global_batch(loop.model, parts, ctx, loop.device, loop.autocast)
+    limit = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(loop.model.parameters(), limit))
+    loss_value = ctx.all_reduce_mean(loss_sum, loop.device)
+    if math.isfinite(grad_norm) and math.isfinite(loss_value):
+        loop.optimizer.step()
+        loop.plain.balance_step(reduce=sum_over_ranks)  # loads summed over ranks
+        state["bad_in_a_row"] = 0
+    else:  # skip: no update from this batch, but the data position moves on
+        state["skipped_steps"] += 1
+        state["bad_in_a_row"] += 1
+        loop.plain.discard_balance_loads()
+    loop.optimizer.zero_grad(set_to_none=True)
+    state["tokens_seen"] += loop.tokens_per_step
+    return loss_value, grad_norm, aux
+
+
+def _step_record(loop: _Loop, done: int, loss_value: float, grad_norm: float,
+                 aux: dict[str, Any], tokens_per_s: float, step_seconds: float
+                 ) -> dict[str, Any]:
+    """The metrics of step `done`, with the held-out loss when it is due."""
+    cfg = loop.cfg
+    record = {"step": done, "loss": loss_value, "lr": loop.optimizer.param_groups[0]["lr"],
+              "tokens_per_s": tokens_per_s, "grad_norm": grad_norm,
+              "step_seconds": step_seconds, "skipped_steps": loop.state["skipped_steps"],
+              "loss_causal": loop.loss_causal, **_router_stats(aux)}
+    if loop.peak_flops is not None:
+        record["mfu"] = tokens_per_s * loop.flops_per_token / (
+            loop.peak_flops * loop.ctx.world_size)
+    val_tokens = loop.inputs.val_tokens
+    if val_tokens is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+        record["val_loss"] = evaluate(loop.model, val_tokens, cfg.seq_len, loop.micro,
+                                      cfg.eval_batches, loop.device, loop.autocast)
+    return record
+
+
+def _show_progress(bar: tqdm, record: dict[str, Any], val_loss: float) -> None:
+    bar.update(1)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val_loss:.3f}",
+                    lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                    **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
+
+
+def _stop_requested(loop: _Loop, stop: _StopFlag, elapsed: float) -> str:
+    """Why to stop after this step: "signal" or "time" when any rank was signalled or the run
+    is out of time (every rank agrees, so all stop after the same step), else "finished"."""
+    max_minutes = loop.cfg.max_minutes
+    timed_out = max_minutes is not None and elapsed > max_minutes * 60
+    flag = torch.tensor([float(stop.raised or timed_out)], device=loop.device)
+    if loop.ctx.all_reduce_sum(flag).item() > 0:
+        return "signal" if stop.raised else "time"
+    return "finished"
+
+
+def _finish_run(loop: _Loop, stopped: str, step: int, loss_value: float, val_loss: float,
+                seconds: float) -> TrainResult:
+    """Raise after too many non-finite steps; else make the run dir a loadable model dir and
+    sum the run up."""
+    cfg, state, out = loop.cfg, loop.state, loop.out
     if stopped == "non-finite":
         raise NonFiniteError(
             f"stopped at step {step + 1}: {state['bad_in_a_row']} steps in a row had a "
             f"non-finite loss or gradient (max_bad_steps={cfg.max_bad_steps}); the last good "
             f"checkpoint is {latest_checkpoint(out)}"
         )
-    seconds = time.perf_counter() - t0
     final = latest_checkpoint(out)
-    if ctx.is_main and final is not None:  # the run dir itself is a loadable model dir
-        copy_final_model(final, out, inputs.extra_files)
+    if loop.ctx.is_main and final is not None:  # the run dir itself is a loadable model dir
+        copy_final_model(final, out, loop.inputs.extra_files)
+    start_step = loop.start_step
     done_steps = step + 1 if stopped != "finished" or cfg.steps > start_step else start_step
     return TrainResult(
         steps=done_steps, train_loss=loss_value, val_loss=val_loss, seconds=seconds,
-        tokens_per_s=tokens_per_step * max(0, done_steps - start_step) / max(seconds, 1e-9),
+        tokens_per_s=loop.tokens_per_step * max(0, done_steps - start_step) / max(seconds, 1e-9),
         skipped_steps=state["skipped_steps"], stopped=stopped, out=str(out),
-        train_loss_causal=loss_causal,
+        train_loss_causal=loop.loss_causal,
     )

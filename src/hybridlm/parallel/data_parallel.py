@@ -3,7 +3,8 @@
 Under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK set) the process group is created with
 NCCL on GPUs and gloo on CPUs. `wrap` applies DDP, or FSDP2 (`fully_shard` on every block,
 then on the root, with a bf16 mixed-precision policy on GPU; the fp32 parts in their own fp32
-groups). Model code stays single-device.
+groups). Model code stays single-device: the expert loads that MoE balancing sums over ranks
+reach it through `HybridLM.balance_step(reduce=sum_over_ranks)`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ import torch.distributed as dist
 from torch import nn
 
 from hybridlm.layers.mamba import Mamba
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all ranks in place (an all-reduce) and return it; unchanged when no
+    process group is initialised (one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
 
 
 @dataclass
@@ -45,9 +54,7 @@ class DistContext:
             dist.barrier()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.initialized:
-            dist.all_reduce(tensor)
-        return tensor
+        return sum_over_ranks(tensor)
 
     def all_reduce_mean(self, value: float, device: torch.device) -> float:
         if not self.initialized:
