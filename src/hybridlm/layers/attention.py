@@ -15,36 +15,22 @@ import torch
 from torch import nn
 
 from hybridlm.config import ModelConfig
-from hybridlm.layers.cache_rows import (
-    advanced,
-    common_length,
-    position_mask,
-    write_rows,
-    zero_lengths,
-)
+from hybridlm.layers.cache_rows import RowLengths, advanced, position_mask, write_rows
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import RotaryEmbedding, apply_rope, segment_starts
 from hybridlm.ops import attention
 
 
 @dataclass
-class KVCache:
+class KVCache(RowLengths):
     """Preallocated keys/values of one attention layer; row b holds `lengths[b]` tokens, its
     token p in slot p (see layers/cache_rows.py)."""
 
     k: torch.Tensor  # (B, nkv, max_len, D)
     v: torch.Tensor  # (B, nkv, max_len, D)
-    lengths: torch.Tensor | None = None  # (B,) long; None: zeros
-    input_lengths: torch.Tensor | None = None  # (B,) real tokens per row of the current call
 
-    def __post_init__(self) -> None:
-        if self.lengths is None:
-            self.lengths = zero_lengths(self.k.shape[0], self.k.device)
-
-    @property
-    def length(self) -> int:
-        """The tokens every row holds (ValueError when rows differ: read `lengths`)."""
-        return common_length(self.lengths)
+    def _rows(self) -> torch.Tensor:
+        return self.k
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, nkv, T, D) at each row's next slots; return the keys/values of every

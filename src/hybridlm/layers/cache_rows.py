@@ -12,12 +12,37 @@ Glossary: B batch, T new tokens, S key slots.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
 def zero_lengths(batch: int, device: torch.device) -> torch.Tensor:
     """(B,) long zeros: the lengths of a new, empty cache."""
     return torch.zeros(batch, dtype=torch.long, device=device)
+
+
+@dataclass(kw_only=True)
+class RowLengths:
+    """The per-row bookkeeping every layer cache shares (a dataclass base: its fields come
+    after the cache's own tensors and are set by keyword). Subclasses name the tensor whose
+    first dimension is the batch in `_rows`."""
+
+    lengths: torch.Tensor | None = None  # (B,) long; None: zeros
+    input_lengths: torch.Tensor | None = None  # (B,) real tokens per row of the current call
+
+    def _rows(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        if self.lengths is None:
+            rows = self._rows()
+            self.lengths = zero_lengths(rows.shape[0], rows.device)
+
+    @property
+    def length(self) -> int:
+        """The tokens every row holds (ValueError when rows differ: read `lengths`)."""
+        return common_length(self.lengths)
 
 
 def common_length(lengths: torch.Tensor) -> int:

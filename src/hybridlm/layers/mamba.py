@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlm.config import ModelConfig
-from hybridlm.layers.cache_rows import advanced, common_length, zero_lengths
+from hybridlm.layers.cache_rows import RowLengths, advanced
 from hybridlm.layers.rope import segment_starts
 from hybridlm.ops import selective_scan_chunked, selective_scan_step
 
@@ -33,7 +33,7 @@ DT_FLOOR = 1e-4  # smallest initial step (as mamba_ssm's dt_init_floor)
 
 
 @dataclass
-class MambaCache:
+class MambaCache(RowLengths):
     """Recurrent state of one Mamba layer; row b has read `lengths[b]` tokens.
 
     A call may feed right-padded rows (`input_lengths`, see layers/cache_rows.py): each row's
@@ -41,17 +41,9 @@ class MambaCache:
 
     conv_state: torch.Tensor  # (B, Din, K - 1): the last inputs of the depthwise conv
     ssm_state: torch.Tensor  # (B, Din, N), fp32
-    lengths: torch.Tensor | None = None  # (B,) long; None: zeros
-    input_lengths: torch.Tensor | None = None  # (B,) real tokens per row of the current call
 
-    def __post_init__(self) -> None:
-        if self.lengths is None:
-            self.lengths = zero_lengths(self.ssm_state.shape[0], self.ssm_state.device)
-
-    @property
-    def length(self) -> int:
-        """The tokens every row has read (ValueError when rows differ: read `lengths`)."""
-        return common_length(self.lengths)
+    def _rows(self) -> torch.Tensor:
+        return self.ssm_state
 
     def nbytes(self) -> int:
         return (self.conv_state.numel() * self.conv_state.element_size()

@@ -28,20 +28,14 @@ from torch import nn
 
 from hybridlm.config import ModelConfig
 from hybridlm.layers.attention import segment_mask
-from hybridlm.layers.cache_rows import (
-    advanced,
-    common_length,
-    position_mask,
-    write_rows,
-    zero_lengths,
-)
+from hybridlm.layers.cache_rows import RowLengths, advanced, position_mask, write_rows
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import RotaryEmbedding, apply_rope
 from hybridlm.ops import attention
 
 
 @dataclass
-class MLACache:
+class MLACache(RowLengths):
     """Preallocated latent cache of one MLA layer; row b holds `lengths[b]` tokens, its token p
     in slot p (see layers/cache_rows.py).
 
@@ -51,17 +45,9 @@ class MLACache:
 
     c_kv: torch.Tensor  # (B, max_len, r)
     k_rope: torch.Tensor  # (B, max_len, dr)
-    lengths: torch.Tensor | None = None  # (B,) long; None: zeros
-    input_lengths: torch.Tensor | None = None  # (B,) real tokens per row of the current call
 
-    def __post_init__(self) -> None:
-        if self.lengths is None:
-            self.lengths = zero_lengths(self.c_kv.shape[0], self.c_kv.device)
-
-    @property
-    def length(self) -> int:
-        """The tokens every row holds (ValueError when rows differ: read `lengths`)."""
-        return common_length(self.lengths)
+    def _rows(self) -> torch.Tensor:
+        return self.c_kv
 
     def append(
         self, c_kv: torch.Tensor, k_rope: torch.Tensor
