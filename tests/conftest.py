@@ -29,6 +29,25 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**base, **overrides})
 
 
+def _fit_fixed_batch(model: HybridLM, ids: torch.Tensor, steps: int,
+                     lr: float = 3e-3) -> list[float]:
+    """Train `model` on one fixed batch ids (B, T) with AdamW; the loss of every step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture
+def fit_fixed_batch() -> Callable[..., list[float]]:
+    return _fit_fixed_batch
+
+
 @pytest.fixture
 def make_model():
     def build(seed: int = 0, **overrides) -> HybridLM:
