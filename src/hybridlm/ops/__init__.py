@@ -8,6 +8,7 @@ implementation stays in one place and layers never import triton or CUDA code di
 from __future__ import annotations
 
 from hybridlm.ops.attention import attention
+from hybridlm.ops.dispatch import current_impl, fast_path_enabled, set_impl, use_impl
 from hybridlm.ops.reference import grouped_swiglu, sort_by_expert
 from hybridlm.ops.selective_scan import (
     selective_scan_chunked,
@@ -17,6 +18,10 @@ from hybridlm.ops.selective_scan import (
 
 __all__ = [
     "attention",
+    "current_impl",
+    "fast_path_enabled",
+    "set_impl",
+    "use_impl",
     "grouped_swiglu",
     "selective_scan_chunked",
     "selective_scan_sequential",
