@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from hybridlm.config import ModelConfig
 from hybridlm.config_check import ConfigError
+from hybridlm.config_legacy import upgrade
 from hybridlm.model import HybridLM
 from hybridlm.outputs import entries, link_or_copy, staged_dir
 
@@ -54,6 +55,8 @@ def save_model(model: HybridLM, directory: str | Path) -> None:
 
 
 def load_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig of a model directory; a config.json written before the fields were
+    renamed is read through `config_legacy.upgrade` (the same model, today's names)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"model directory {str(directory)!r} does not exist")
@@ -65,7 +68,7 @@ def load_config(directory: str | Path) -> ModelConfig:
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path} is damaged: {err}") from err
     try:
-        return ModelConfig.from_dict(data)  # every field checked by type and range
+        return ModelConfig.from_dict(upgrade(data))  # every field checked by type and range
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 

@@ -106,7 +106,7 @@ def run_demo(out: str, steps: int, max_minutes: float, vocab_size: int = 8192,
     model_dir = out_dir / "model"
     cfg = TrainConfig(
         data=str(data_dir), out=str(model_dir), preset="tiny",
-        model={"routing": "zipf"}, steps=steps, global_batch_size=32, seq_len=128,
+        model={"tr_routing": "zipf"}, steps=steps, global_batch_size=32, seq_len=128,
         lr=3e-3, warmup_steps=max(1, steps // 20), eval_every=max(1, steps // 4),
         eval_batches=8, checkpoint_every=max(1, steps // 2), max_minutes=max_minutes,
     )

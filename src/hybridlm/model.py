@@ -148,20 +148,9 @@ class HybridLM(nn.Module):
         token losses divided by it instead of their mean, so micro-batches with different
         numbers of targets add up to the token mean of the whole batch when it is the batch's
         target count (`count_targets`). Aux losses are added unscaled either way."""
-        self._check_input_ids(input_ids)
+        self._check_inputs(input_ids, cache, segment_ids, input_lengths)
         seq = input_ids.shape[1]
-        if segment_ids is not None:
-            self._check_segment_ids(segment_ids, input_ids, cache)
-        if cache is not None:
-            self._check_causal()
-        self._check_input_lengths(input_lengths, input_ids, cache)
         start = cache.lengths if cache is not None else None  # (B,)
-        end = seq if start is None else int(advanced(start, seq, input_lengths).max())
-        if end > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {end} exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings}"
-            )
         positions = (
             segment_positions(segment_ids) if segment_ids is not None  # (B, T)
             else cache_positions(start, seq, input_ids.device)  # (T,) or (B, T)
@@ -187,20 +176,31 @@ class HybridLM(nn.Module):
         logits = self.lm_head(self.norm(h))  # (B, T, V)
         aux = _collect_aux(stats_per_layer)
         aux["mu_norms"] = mu_norms
-        loss = lm_loss = None
-        if labels is not None:
-            targets = next_token_targets(labels, segment_ids)  # (B, T-1)
-            lm_loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                targets.reshape(-1),
-                ignore_index=-100,
-                reduction="mean" if num_items_in_batch is None else "sum",
-            )
-            if num_items_in_batch is not None:
-                lm_loss = lm_loss / num_items_in_batch
-            aux["lm_loss"] = lm_loss.detach()
-            loss = lm_loss + aux["aux_loss"] if "aux_loss" in aux else lm_loss
+        if labels is None:
+            return ModelOutput(logits=logits, aux=aux)
+        lm_loss = next_token_loss(logits, labels, segment_ids, num_items_in_batch)
+        aux["lm_loss"] = lm_loss.detach()
+        loss = lm_loss + aux["aux_loss"] if "aux_loss" in aux else lm_loss
         return ModelOutput(logits=logits, loss=loss, aux=aux, lm_loss=lm_loss)
+
+    def _check_inputs(
+        self, input_ids: torch.Tensor, cache: ModelCache | None,
+        segment_ids: torch.Tensor | None, input_lengths: torch.Tensor | None,
+    ) -> None:
+        """Every argument of `forward` against the others and the config (ValueError)."""
+        self._check_input_ids(input_ids)
+        if segment_ids is not None:
+            self._check_segment_ids(segment_ids, input_ids, cache)
+        if cache is not None:
+            self._check_causal()
+        self._check_input_lengths(input_lengths, input_ids, cache)
+        seq = input_ids.shape[1]
+        end = seq if cache is None else int(advanced(cache.lengths, seq, input_lengths).max())
+        if end > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {end} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
 
     @staticmethod
     def _check_segment_ids(
@@ -351,7 +351,7 @@ class HybridLM(nn.Module):
 
     def fit_routing(self, token_counts: torch.Tensor) -> None:
         """Give every layer whose configured routing reads the corpus (token-routed with
-        routing="zipf") its table from the corpus counts (V,); other layers are untouched."""
+        tr_routing="zipf") its table from the corpus counts (V,); other layers are untouched."""
         memo: dict[int, torch.Tensor] = {}
         for module in self.modules():
             if isinstance(module, TokenTableRouted):
@@ -427,6 +427,22 @@ def next_token_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = 
     if segment_ids is not None:
         targets = targets.masked_fill(segment_starts(segment_ids)[:, 1:], -100)
     return targets
+
+
+def next_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, segment_ids: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """logits (B, T, V), labels (B, T) -> () float32 next-token cross-entropy: the mean over
+    the targets, or their sum divided by num_items_in_batch (see HybridLM.forward)."""
+    targets = next_token_targets(labels, segment_ids)  # (B, T-1)
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="mean" if num_items_in_batch is None else "sum",
+    )
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 
 def count_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None

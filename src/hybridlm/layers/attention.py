@@ -47,7 +47,7 @@ class KVCache(RowLengths):
 class Attention(nn.Module):
     """Grouped-query attention, mixer "A" (a `hybridlm.layers.mixers.Mixer`)."""
 
-    reads_mu = True  # mu-guided when config.use_mu_guidance
+    reads_mu = True  # mu-guided when config.mu_guidance
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -57,14 +57,20 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = hidden_size // num_heads
-        self.use_mu = use_mu = config.use_mu_guidance
+        self.use_mu = use_mu = config.mu_guidance
         in_features = hidden_size * (2 if use_mu else 1)
         out_features = (num_heads + 2 * num_kv_heads) * self.head_dim
         self.qkv_proj = nn.Linear(in_features, out_features, bias=False)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, eps) if config.use_qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, eps) if config.use_qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, eps) if config.attn_qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps) if config.attn_qk_norm else None
         self.rope = RotaryEmbedding(self.head_dim, config.rope_theta)
+
+    def non_parameter_flops(self, seq_len: int) -> float:
+        """Training FLOPs per token that no parameter accounts for: the scores q.k and their
+        weighted sum of v over seq_len keys, 2 x 2 x hidden x seq_len forward and twice that
+        backward."""
+        return 12 * self.num_heads * self.head_dim * seq_len
 
     def new_cache(
         self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype

@@ -28,7 +28,7 @@ from torch import nn
 
 from hybridlm.config import ModelConfig
 from hybridlm.layers.mixers import build_mixer, mixer_reads_mu
-from hybridlm.layers.mlp_registry import build_mlp
+from hybridlm.layers.mlps import build_mlp
 from hybridlm.layers.mu import MuUpdate
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.scaler import DynamicScaler
@@ -37,7 +37,7 @@ from hybridlm.layers.scaler import DynamicScaler
 def mu_reading_layers(config: ModelConfig) -> list[bool]:
     """Which layers' mixers read mu (those with reads_mu, e.g. GQA attention, when mu guidance
     is on)."""
-    return [config.use_mu_guidance and mixer_reads_mu(m) for m in config.layer_mixers]
+    return [config.mu_guidance and mixer_reads_mu(m) for m in config.layer_mixers]
 
 
 class Block(nn.Module):
@@ -54,7 +54,7 @@ class Block(nn.Module):
             MuUpdate(c.hidden_size, c.mu_update, c.mu_clamp, c.mu_ema_alpha, c.mu_ema_beta)
             if produces_mu else None
         )
-        self.scaler = DynamicScaler(c.scaler_bias_init) if c.use_dynamic_scaler else None
+        self.scaler = DynamicScaler(c.pid_scaler_bias_init) if c.pid_scaler else None
         self.activation_clamp = c.activation_clamp
         # ScMoE (shortcut-connected MoE): the routed experts read the previous block's input.
         self.uses_shortcut = c.moe_shortcut and getattr(self.mlp, "reads_shortcut", False)

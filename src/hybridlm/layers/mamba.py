@@ -54,6 +54,9 @@ class Mamba(nn.Module):
     """Mamba-1 selective SSM, mixer "M" (a `hybridlm.layers.mixers.Mixer`)."""
 
     reads_mu = False
+    # Kept in fp32 under FSDP mixed precision: the decays exp(delta * A) move with bf16
+    # rounding of A_log, D and dt_proj; conv1d is read directly by the forward, which casts it.
+    fp32_parameters = ("A_log", "D", "dt_proj", "conv1d")
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()

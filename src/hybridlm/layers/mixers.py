@@ -2,7 +2,7 @@
 
 A block's mixer is the part that moves information between tokens (attention, MLA, an SSM).
 Every mixer follows `Mixer`; `mixer_pattern` letters name them through
-`hybridlm.mixer_registry`. Adding a mixer = one file with its class + one `register_mixer`
+`hybridlm.registry`. Adding a mixer = one file with its class + one `register_mixer`
 line (here for a built-in, or in your own code before the config is made).
 
 Glossary: B batch, T new tokens, H hidden.
@@ -18,7 +18,7 @@ from hybridlm.config import ModelConfig
 from hybridlm.layers.attention import Attention
 from hybridlm.layers.mamba import Mamba
 from hybridlm.layers.mla import MultiHeadLatentAttention
-from hybridlm.mixer_registry import mixer_entry, register_mixer
+from hybridlm.registry import mixer_entry, register_mixer
 
 
 @runtime_checkable
@@ -30,7 +30,7 @@ class Mixer(Protocol):
     layer_idx says which layer it is, for mixers that vary with depth.
 
     `reads_mu` (class attribute): True when the mixer reads mu guidance. When
-    `config.use_mu_guidance` is on, such a mixer must be given `mu_prev` (B, T, H), and the
+    `config.mu_guidance` is on, such a mixer must be given `mu_prev` (B, T, H), and the
     stack keeps a mu stream flowing to it (`block.mu_reading_layers`); a mixer with
     reads_mu = False accepts mu_prev and ignores it.
 
@@ -44,6 +44,15 @@ class Mixer(Protocol):
 
     `new_cache(batch, max_len, device, dtype) -> cache`: an empty cache for `batch` sequences
       of up to max_len tokens; the cache has `nbytes()` (its memory, for cache accounting).
+
+    Optional, read where present:
+    `non_parameter_flops(seq_len) -> float`: training FLOPs per token (forward + backward)
+      that 6 x parameters does not count, e.g. attention scores over seq_len keys; absent: 0
+      (Mamba's scan is linear in the length and small next to its projections). The trainer
+      adds it to 6 x active parameters for MFU.
+    `fp32_parameters` (class attribute, tuple of names): parameters or child modules that
+      must reach the forward in fp32 under FSDP mixed precision (Mamba: A_log, D, dt_proj,
+      conv1d); see parallel/data_parallel.shard_fsdp.
     """
 
     reads_mu: ClassVar[bool]
@@ -63,8 +72,8 @@ class Mixer(Protocol):
     ) -> Any: ...
 
 
-# The built-in mixers: letter -> class, in the one table of hybridlm.mixer_registry.
-register_mixer("A", Attention, "GQA attention (mu-guided when use_mu_guidance)")
+# The built-in mixers: letter -> class, in the one table of hybridlm.registry.
+register_mixer("A", Attention, "GQA attention (mu-guided when mu_guidance)")
 register_mixer("L", MultiHeadLatentAttention, "MLA")
 register_mixer("M", Mamba, "Mamba")
 

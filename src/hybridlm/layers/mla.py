@@ -96,6 +96,12 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(nh * d, hidden, bias=False)
         self.rope = RotaryEmbedding(dr, config.rope_theta)
 
+    def non_parameter_flops(self, seq_len: int) -> float:
+        """Training FLOPs per token that no parameter accounts for: per head, scores over
+        head_dim + rope_dim and the weighted sum over head_dim, for seq_len keys (x 2 for a
+        multiply-add, x 3 for forward + backward)."""
+        return 6 * self.num_heads * (2 * self.head_dim + self.rope_dim) * seq_len
+
     def new_cache(
         self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
     ) -> MLACache:

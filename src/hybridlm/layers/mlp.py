@@ -1,4 +1,4 @@
-"""Dense SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+"""Dense SwiGLU MLP: down(silu(gate(x)) * up(x)); the shared experts of expert layers."""
 
 from __future__ import annotations
 
@@ -17,6 +17,21 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., hidden) -> (..., hidden)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SharedExperts(SwiGLU):
+    """`count` shared experts of `width` each that every token passes through, as ONE SwiGLU
+    of width count * width: the sum of SwiGLUs on the same input is exactly one SwiGLU with
+    their hidden units concatenated. Token-routed (T) and learned-MoE (E) layers both add it
+    to their routed experts: y = shared(x) + experts(x)."""
+
+    def __init__(self, hidden_size: int, count: int, width: int) -> None:
+        super().__init__(hidden_size, count * width)
+
+    @classmethod
+    def build(cls, hidden_size: int, count: int, width: int) -> SharedExperts | None:
+        """The shared experts, or None when count is 0."""
+        return cls(hidden_size, count, width) if count > 0 else None
 
 
 class DenseMLP(nn.Module):

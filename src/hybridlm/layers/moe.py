@@ -7,11 +7,12 @@ A router only decides the slots (token, expert, weight), as a `Routing` (layers/
 `x_routed` is x itself, or with ScMoE the previous block's normalised input (`shortcut`): the
 routed experts and the router read it while the shared experts read x.
 
-Routers (config.moe_router):
+Routers (config.moe_router, a name in hybridlm.registry; built-ins in layers/routers.py):
   topk           each token picks its k best experts (Switch k=1, Mixtral k=2). An optional
-                 capacity drops the overflow of busy experts, in training only, first
-                 choices served before second choices.
-  expert_choice  each expert picks its C best tokens (Zhou et al. 2022): balanced by
+                 capacity (moe_capacity_factor) drops the overflow of busy experts, in
+                 training only, first choices served before second choices.
+  expert_choice  each expert picks its C best tokens (Zhou et al. 2022; C from
+                 moe_ec_capacity_factor): balanced by
                  construction, but NOT causal — a token's experts depend on the other tokens,
                  later ones included. `causal_routing` switches it to token choice over the
                  same scores, for a causal held-out loss and for generation.
@@ -19,8 +20,9 @@ Routers (config.moe_router):
 Balancing (config.moe_balance):
   aux_loss  Switch loss coef * E * sum_e f_e * P_e, returned in the stats for the model to add.
   aux_free  DeepSeek-V3: a per-expert bias added to the scores for selection only, moved by
-            +-gamma towards the mean load at every `apply_balance`.
-  ema       CORVUS-CORAX eq. 5: the same bias, moved by rate * (EMA of the load - target).
+            +-gamma (moe_aux_free_rate) towards the mean load at every `apply_balance`.
+  ema       CORVUS-CORAX eq. 5: the same bias, moved by rate * (EMA of the load - target)
+            (moe_ema_rate, moe_ema_decay).
   none      nothing.
 
 Glossary: B batch, T time, N = B*T tokens, H hidden, E experts, k experts per token,
@@ -37,12 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridlm.config import ModelConfig
+from hybridlm.config import MOE_SCORES, ModelConfig
 from hybridlm.layers.experts import GroupedExperts
-from hybridlm.layers.mlp import SwiGLU
+from hybridlm.layers.mlp import SharedExperts
 from hybridlm.layers.routing import Router, Routing
-
-SCORES = ("softmax", "sigmoid")
+from hybridlm.registry import router_entry
 
 
 def _ceil(value: float) -> int:
@@ -68,8 +69,8 @@ def _scores(logits: torch.Tensor, score: str) -> torch.Tensor:
 def _check_router_args(num_experts: int, score: str) -> None:
     if num_experts < 1:
         raise ValueError(f"num_experts={num_experts} must be >= 1")
-    if score not in SCORES:
-        raise ValueError(f"moe_score={score!r} is not one of {list(SCORES)}")
+    if score not in MOE_SCORES:
+        raise ValueError(f"moe_score={score!r} is not one of {list(MOE_SCORES)}")
 
 
 class TopKRouter(Router):
@@ -87,7 +88,7 @@ class TopKRouter(Router):
     choice before any second choice; see `_within_capacity`), and the rest are dropped.
     """
 
-    keeps_fp32_params = True
+    fp32_parameters = ("gate",)  # see Router
 
     def __init__(
         self, hidden_size: int, num_experts: int, top_k: int, score: str = "softmax",
@@ -103,6 +104,10 @@ class TopKRouter(Router):
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         # Persistent: a reloaded model must select exactly as the trained one did.
         self.register_buffer("expert_bias", torch.zeros(num_experts))
+
+    @property
+    def experts_per_token(self) -> float:
+        return self.top_k
 
     def forward(self, x: torch.Tensor) -> Routing:
         probs = _scores(_fp32_logits(x, self.gate.weight), self.score)  # (N, E)
@@ -140,7 +145,7 @@ class ExpertChoiceRouter(Router):
     routing (there a token may get anywhere from 0 to E experts), not the same function.
     """
 
-    keeps_fp32_params = True
+    fp32_parameters = ("gate",)  # see Router
 
     def __init__(
         self, hidden_size: int, num_experts: int, capacity_factor: float | None = None,
@@ -149,7 +154,7 @@ class ExpertChoiceRouter(Router):
         super().__init__()
         _check_router_args(num_experts, score)
         if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"moe_capacity_factor={capacity_factor} must be > 0 (or None)")
+            raise ValueError(f"moe_ec_capacity_factor={capacity_factor} must be > 0")
         self.num_experts, self.score = num_experts, score
         self.capacity_factor = 1.0 if capacity_factor is None else capacity_factor
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
@@ -158,6 +163,11 @@ class ExpertChoiceRouter(Router):
     @property
     def is_causal(self) -> bool:
         return self.causal
+
+    @property
+    def experts_per_token(self) -> float:
+        """On average the capacity factor (E * C slots over N tokens), at most E."""
+        return min(self.num_experts, self.capacity_factor)
 
     @property
     def causal_top_k(self) -> int:
@@ -234,10 +244,8 @@ def _within_capacity(expert_ids: torch.Tensor, num_experts: int, capacity: int) 
 class MoEMLP(nn.Module):
     """Learned MoE with the shared MLP interface: forward(x, *, token_ids, shortcut) -> (y, stats).
 
-    Shared experts: `moe_num_shared` experts of width round(shared_expert_ratio * I) that
-    every token passes through are ONE SwiGLU of width moe_num_shared * round(ratio * I): the
-    sum of several SwiGLUs on the same input is exactly one SwiGLU with their hidden units
-    concatenated.
+    Shared experts: `num_shared_experts` of shared_expert_intermediate_size (None: the
+    routed experts' width) that every token passes through (layers/mlp.SharedExperts).
 
     Capacity (top-k, `moe_capacity_factor` set): in training each expert keeps
     C = ceil(N * k * factor / E) of its slots and drops the rest; a dropped slot contributes
@@ -258,34 +266,17 @@ class MoEMLP(nn.Module):
         c = config
         if num_experts < 1:
             raise ValueError(f"num_experts={num_experts} must be >= 1")
-        if c.moe_router == "topk" and c.moe_top_k > num_experts:
-            raise ValueError(f"moe_top_k={c.moe_top_k} exceeds num_experts={num_experts}")
         self.num_experts = num_experts
         self.balance = c.moe_balance
         self.aux_loss_coef = c.moe_aux_loss_coef
-        self.bias_update_rate = c.moe_bias_update_rate
-        self.load_ema_decay = c.moe_load_ema_decay
-        self.router: TopKRouter | ExpertChoiceRouter
-        if c.moe_router == "topk":
-            self.router = TopKRouter(
-                c.hidden_size, num_experts, c.moe_top_k, c.moe_score, c.moe_renormalize,
-                c.moe_capacity_factor,
-            )
-        elif c.moe_router == "expert_choice":
-            self.router = ExpertChoiceRouter(
-                c.hidden_size, num_experts, c.moe_capacity_factor, c.moe_score
-            )
-        else:
-            raise ValueError(f"moe_router={c.moe_router!r} is not one of ['topk', 'expert_choice']")
-        # Routed experts one token uses: k, or on average the capacity factor (expert choice).
-        factor = c.moe_capacity_factor or 1.0
-        self.active_experts_per_token = (
-            c.moe_top_k if c.moe_router == "topk" else min(num_experts, factor)
-        )
-        inter = c.expert_intermediate_size
+        self.aux_free_rate, self.ema_rate = c.moe_aux_free_rate, c.moe_ema_rate
+        self.ema_decay = c.moe_ema_decay
+        self.router = router_entry(c.moe_router).builder(c, num_experts)
+        self.active_experts_per_token = self.router.experts_per_token
+        inter = c.moe_expert_size
         self.experts = GroupedExperts(num_experts, c.hidden_size, inter)
-        shared_width = c.moe_num_shared * max(1, round(c.shared_expert_ratio * inter))
-        self.shared = SwiGLU(c.hidden_size, shared_width) if c.moe_num_shared > 0 else None
+        self.shared = SharedExperts.build(c.hidden_size, c.num_shared_experts,
+                                          c.shared_expert_size(inter))
         # Integer counts: exact, and untouched by model.to(dtype).
         self.register_buffer(
             "load_since_balance", torch.zeros(num_experts, dtype=torch.long), persistent=False
@@ -393,9 +384,9 @@ class MoEMLP(nn.Module):
         if bias is not None and float(load.sum()) > 0:  # nothing seen: nothing to correct
             target = load.mean()
             if self.balance == "aux_free":
-                bias += self.bias_update_rate * torch.sign(target - load)
+                bias += self.aux_free_rate * torch.sign(target - load)
             elif self.balance == "ema":
-                decay = self.load_ema_decay
+                decay = self.ema_decay
                 self.load_ema.mul_(decay).add_(load / target, alpha=1.0 - decay)
-                bias -= self.bias_update_rate * (self.load_ema - 1.0)
+                bias -= self.ema_rate * (self.load_ema - 1.0)
         self.load_since_balance.zero_()

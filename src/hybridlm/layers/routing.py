@@ -74,13 +74,21 @@ class Routing:
 class Router(nn.Module):
     """Base class of routers: forward(...) -> Routing.
 
-    `keeps_fp32_params`: FSDP keeps this module's own parameters in fp32 under a low
-    precision policy (parallel/data_parallel.py): set it on learned gates, whose discrete top-k
-    decisions bf16 rounding would flip. `is_causal`: False when a token's slots depend on
-    later tokens (expert choice), so the model refuses cached decoding.
+    `fp32_parameters`: names of this module's parameters or child modules that FSDP keeps in
+    fp32 under a low-precision policy (parallel/data_parallel.py): list learned gates, whose
+    discrete top-k decisions bf16 rounding would flip. `is_causal`: False when a token's slots
+    depend on later tokens (expert choice), so the model refuses cached decoding.
+    `experts_per_token`: routed experts one token uses on average (active-parameter counts).
+
+    A router of learned-MoE layers (a `moe_router` name, hybridlm.registry) is built by
+    `builder(config, num_experts)`, reads x (N, H) and returns a Routing with `probs` (N, E)
+    and `selected`; its `score` ("softmax" | "sigmoid") says how probs normalise over the
+    experts (aux loss, entropy), and an `expert_bias` (E,) buffer, if it has one, is what
+    aux_free / ema balancing moves.
     """
 
-    keeps_fp32_params = False
+    fp32_parameters: tuple[str, ...] = ()
+    experts_per_token: float = 1.0
 
     @property
     def is_causal(self) -> bool:

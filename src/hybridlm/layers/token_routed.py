@@ -1,7 +1,7 @@
 """Token-Routed MLP (Complexity-Deep 3.2): the expert is chosen by the token id alone.
 
-expert = table[token_id], one expert per token, plus an optional shared SwiGLU every token
-passes through: y = shared(x) + expert(x). The table is a persistent buffer, so a saved and
+expert = table[token_id], one expert per token, plus the shared experts every token passes
+through (layers/mlp.SharedExperts, as on learned-MoE layers): y = shared(x) + expert(x). The table is a persistent buffer, so a saved and
 reloaded model routes exactly as the trained one did.
 """
 
@@ -10,12 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hybridlm.config import TR_ROUTINGS
 from hybridlm.layers.experts import GroupedExperts
-from hybridlm.layers.mlp import SwiGLU
+from hybridlm.layers.mlp import SharedExperts
 from hybridlm.layers.routing import Router, Routing
 from hybridlm.layers.routing_tables import modulo_routing_table, zipf_routing_table
-
-ROUTINGS = ("modulo", "zipf")
 
 
 class TokenRoutedRouter(Router):
@@ -55,9 +54,10 @@ def corpus_counts(token_counts: torch.Tensor, vocab_size: int) -> torch.Tensor:
 class TokenRoutedMLP(nn.Module):
     """Token-routed experts with the shared MLP interface: forward(x, *, token_ids) -> (y, stats).
 
-    `routing` ("modulo" | "zipf"): the table the layer wants from the corpus; "zipf" is
+    `tr_routing` ("modulo" | "zipf"): the table the layer wants from the corpus; "zipf" is
     installed by `fit_to_corpus` (the trainer, from the prepared data's token counts).
-    No balancing state: the table fixes the loads.
+    `num_shared_experts` shared experts of `shared_expert_size` each (None: as wide as a
+    routed expert). No balancing state: the table fixes the loads.
     """
 
     def __init__(
@@ -66,19 +66,19 @@ class TokenRoutedMLP(nn.Module):
         expert_intermediate_size: int,
         num_experts: int,
         vocab_size: int,
-        shared_intermediate_size: int | None,
-        routing: str = "modulo",
+        num_shared_experts: int = 1,
+        shared_expert_size: int | None = None,
+        tr_routing: str = "modulo",
     ) -> None:
         super().__init__()
-        if routing not in ROUTINGS:
-            raise ValueError(f"routing={routing!r} is not one of {list(ROUTINGS)}")
+        if tr_routing not in TR_ROUTINGS:
+            raise ValueError(f"tr_routing={tr_routing!r} is not one of {list(TR_ROUTINGS)}")
         self.active_experts_per_token = 1
-        self.routing = routing
+        self.tr_routing = tr_routing
         self.router = TokenRoutedRouter(vocab_size, num_experts)
         self.experts = GroupedExperts(num_experts, hidden_size, expert_intermediate_size)
-        self.shared = (
-            SwiGLU(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
-        )
+        self.shared = SharedExperts.build(hidden_size, num_shared_experts,
+                                          shared_expert_size or expert_intermediate_size)
 
     def forward(
         self, x: torch.Tensor, *, token_ids: torch.Tensor | None = None
@@ -86,7 +86,8 @@ class TokenRoutedMLP(nn.Module):
         """x (B, T, H), token_ids (B, T) -> y (B, T, H), stats {"expert_counts": (E,)}."""
         if token_ids is None:
             raise ValueError(
-                "mlp_type='token_routed' needs the token ids to pick each token's expert; "
+                "a token-routed layer (mlp letter T) needs the token ids to pick each token's "
+                "expert; "
                 "pass token_ids (the model does this from input_ids)"
             )
         if token_ids.shape != x.shape[:-1]:
@@ -121,5 +122,5 @@ class TokenRoutedMLP(nn.Module):
     def fit_to_corpus(
         self, counts: torch.Tensor, memo: dict[int, torch.Tensor] | None = None
     ) -> None:
-        if self.routing == "zipf":
+        if self.tr_routing == "zipf":
             self.set_token_counts(counts, memo)

@@ -19,8 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hybridlm.layers.mamba import Mamba
-
 
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over all ranks in place (an all-reduce) and return it; unchanged when no
@@ -151,14 +149,15 @@ def shard_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> None:
     """FSDP2: `fully_shard` on every block, then on the root, parameters gathered in
     `param_dtype` (None: as stored), gradients reduced in fp32.
 
-    The MoE routers and Mamba's SSM parameters (A_log, D, dt_proj) must reach the forward in
-    fp32: bf16 rounding flips near-tied routing decisions and moves the decays
-    exp(delta * A). Each such module gets its own group with an fp32 policy, sharded before
-    its block, so the block's group takes only the rest. A group holds the parameters of its
-    module not already in a nested group, so Mamba's big projections (called as modules) get
-    bf16 groups of their own first, and the mixer's fp32 group keeps A_log, D, dt_proj and
-    conv1d (read directly by the forward, which casts it to the activations' dtype).
-    Parameter names are unchanged, so checkpoints load as before.
+    A module that lists `fp32_parameters` (names of its parameters or child modules: the MoE
+    routers' gates, whose near-tied decisions bf16 rounding flips; Mamba's A_log, D, dt_proj
+    and conv1d, which set the decays exp(delta * A)) gets them in fp32. A group holds the
+    parameters of its module not already in a nested group, so each of its other children
+    with parameters (Mamba's big projections) first gets a low-precision group of its own,
+    then the module a group with an fp32 policy, sharded before its block, so the block's
+    group takes only the rest. Parameters of the module itself that it does not list stay
+    fp32 too (a group cannot split them). Parameter names are unchanged, so checkpoints load
+    as before.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -171,9 +170,9 @@ def shard_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> None:
     no_decay = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
     for block in model.layers:
         for module in _fp32_modules(block):
-            if isinstance(module, Mamba):
-                for projection in (module.in_proj, module.x_proj, module.out_proj):
-                    fully_shard(projection, mp_policy=low)
+            for name, child in module.named_children():
+                if name not in module.fp32_parameters and any(True for _ in child.parameters()):
+                    fully_shard(child, mp_policy=low)
             fully_shard(module, mp_policy=fp32)
         fully_shard(block, mp_policy=low)
     fully_shard(model, mp_policy=low)
@@ -184,8 +183,7 @@ def shard_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> None:
 
 def _fp32_modules(block: nn.Module) -> list[nn.Module]:
     """The modules of `block` whose own parameters must reach the forward in fp32."""
-    return [m for m in block.modules()
-            if getattr(m, "keeps_fp32_params", False) or isinstance(m, Mamba)]
+    return [m for m in block.modules() if getattr(m, "fp32_parameters", ())]
 
 
 def shutdown() -> None:

@@ -1,6 +1,6 @@
 """TrainConfig: everything that describes a run, from one YAML/JSON file plus overrides.
 
-    hybridlm train --config run.yaml --set lr=1e-3 --set model.routing=zipf
+    hybridlm train --config run.yaml --set lr=1e-3 --set model.tr_routing=zipf
 
 The resolved config is saved into the run directory (`train_config.json`); resuming compares
 it with the saved one and refuses when a field that changes the run's meaning differs. Every
@@ -19,15 +19,13 @@ from typing import Any
 
 import yaml
 
-from hybridlm.config import FIELD_RULES as MODEL_FIELD_RULES
-from hybridlm.config import PRESETS, ModelConfig
+from hybridlm.config import PRESETS, ModelConfig, check_model_mapping
 from hybridlm.config_check import (
     ConfigError,
     Rule,
     as_typed,
     at_least,
     check_fields,
-    check_mapping,
     check_value,
     field_types,
     non_empty,
@@ -108,8 +106,7 @@ class TrainConfig:
         """Each override by its ModelConfig field, then the preset with the overrides as a
         whole (num_experts must divide the preset's intermediate_size, ...), so a bad model
         is refused when the run is read, before any data is loaded."""
-        self.model = check_mapping(ModelConfig, self.model, MODEL_FIELD_RULES, what="model",
-                                   prefix="model.")
+        self.model = check_model_mapping(self.model, what="model", prefix="model.")
         if self.init_from is not None:
             if self.model:
                 raise ConfigError(
@@ -199,16 +196,15 @@ def _set_override(data: dict[str, Any], key: Any, value: Any, source: str = "") 
         if isinstance(key, str) and key.startswith("model."):
             name = key[len("model."):]
             data["model"] = {**data.get("model", {}),
-                             **check_mapping(ModelConfig, {name: value}, MODEL_FIELD_RULES,
-                                             what="model", prefix="model.")}
+                             **check_model_mapping({name: value}, what="model",
+                                                   prefix="model.")}
             return
         hints = field_types(TrainConfig)
         if key not in hints:
             raise ConfigError(unknown_fields_message("training", [key], hints)
                               + f"; known: {sorted(hints)}")
         if key == "model":
-            value = check_mapping(ModelConfig, value, MODEL_FIELD_RULES, what="model",
-                                  prefix="model.")
+            value = check_model_mapping(value, what="model", prefix="model.")
         data[key] = check_value(key, value, hints[key], FIELD_RULES.get(key))
     except ConfigError as err:
         if not source:

@@ -14,6 +14,7 @@ the same global batch.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import time
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from hybridlm.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from hybridlm.checkpoint import check_weights, load_config
 from hybridlm.config import ModelConfig
+from hybridlm.config_legacy import is_legacy
 from hybridlm.data import WindowSampler, load_prepared
 from hybridlm.errors import RunError
 from hybridlm.eval import evaluate
@@ -193,10 +195,11 @@ def _router_stats(aux: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flops_per_token(model: HybridLM, seq_len: int) -> float:
-    """6 x active parameters + the attention scores (12 x layers x hidden x seq_len)."""
-    c = model.config
-    attention_layers = sum(m in "AL" for m in c.layer_mixers)
-    return 6 * model.num_parameters(active=True) + 12 * attention_layers * c.hidden_size * seq_len
+    """Training FLOPs per token: 6 x active parameters + what each mixer computes beyond its
+    parameters (its `non_parameter_flops`, e.g. attention scores; none: 0)."""
+    mixers = sum(block.mixer.non_parameter_flops(seq_len) for block in model.layers
+                 if hasattr(block.mixer, "non_parameter_flops"))
+    return 6 * model.num_parameters(active=True) + mixers
 
 
 def _peak_flops(device: torch.device) -> float | None:
@@ -321,6 +324,32 @@ def check_resumed_length(cfg: TrainConfig, saved: TrainConfig, done: int,
     return change
 
 
+def saved_run_config(out: Path, checkpoint: Path, cfg: TrainConfig) -> TrainConfig:
+    """The train_config.json of the run in `out`, to compare a resume with. A run started
+    before the model fields were renamed saved its model overrides under the old names: the
+    checkpoint's model (read through config_legacy) must then be the model `cfg` builds, and
+    `cfg`'s overrides stand for the saved ones."""
+    from hybridlm.train.config import load_train_config
+
+    path = out / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None  # load_train_config says what is wrong with the file
+    if not (isinstance(data, dict) and isinstance(data.get("model"), dict)
+            and is_legacy(data["model"])):
+        return load_train_config(path)
+    saved_model = load_config(checkpoint)
+    model = ModelConfig.from_preset(cfg.preset, **{"vocab_size": saved_model.vocab_size,
+                                                   **cfg.model})
+    theirs, mine = saved_model.to_dict(), model.to_dict()
+    diffs = [f"model.{k}: {theirs[k]!r} -> {mine[k]!r}" for k in sorted(mine)
+             if mine[k] != theirs[k]]
+    if diffs:
+        raise ValueError(f"--resume: the model differs from the saved run's: {diffs}")
+    return TrainConfig(**{**data, "model": dict(cfg.model)})
+
+
 def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext,
                 reschedule: bool = False) -> RunInputs:
     """Every check that can fail happens here, before anything is written to the run dir.
@@ -341,9 +370,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: DistContext,
                          f"{limit}")
     checkpoint = latest_checkpoint(out)
     if resume:
-        from hybridlm.train.config import load_train_config
-
-        saved = load_train_config(out / CONFIG_FILE)
+        saved = saved_run_config(out, checkpoint, cfg)
         diffs = cfg.differences(saved)
         if diffs:
             raise ValueError(
