@@ -9,7 +9,7 @@ from hybridlm.checkpoint import CheckpointError
 
 
 def test_save_load_gives_identical_logits_and_routing(make_model, tmp_path):
-    model = make_model(routing="zipf", use_dynamic_scaler=True)
+    model = make_model(tr_routing="zipf", pid_scaler=True)
     model.set_routing_table(zipf_routing_table(torch.arange(97) * 3 % 11, 4))
     model.save_pretrained(tmp_path / "m")
     loaded = HybridLM.from_pretrained(tmp_path / "m").eval()

@@ -21,7 +21,7 @@ def test_tokenizer_prepare_train_generate(tmp_path, capsys):
              "--batch-size", "2", "--seq-len", "32", "--eval-every", "3",
              "--eval-batches", "1", "--out", str(tmp_path / "run"),
              "--set", "model.hidden_size=32", "--set", "model.num_hidden_layers=1",
-             "--set", "model.intermediate_size=64", "--set", "model.routing=zipf",
+             "--set", "model.intermediate_size=64", "--set", "model.tr_routing=zipf",
              "--set", "progress=false"]
     assert main([*train, "--steps", "3"]) == 0
     capsys.readouterr()

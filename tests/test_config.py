@@ -8,12 +8,12 @@ from hybridlm import PRESETS, HybridLM, ModelConfig
 
 
 def test_json_round_trip(tmp_path):
-    cfg = ModelConfig.from_preset("tiny", routing="zipf", activation_clamp=100.0)
+    cfg = ModelConfig.from_preset("tiny", tr_routing="zipf", activation_clamp=100.0)
     path = tmp_path / "c.json"
     cfg.to_json(path)
     assert ModelConfig.from_json(path) == cfg
     assert ModelConfig.from_json(cfg.to_json()) == cfg
-    assert json.loads(cfg.to_json())["routing"] == "zipf"
+    assert json.loads(cfg.to_json())["tr_routing"] == "zipf"
 
 
 def test_preset_overrides_apply():
@@ -46,7 +46,7 @@ def test_1_5b_preset_matches_table_3():
     assert (cfg.vocab_size, cfg.max_position_embeddings) == (32000, 4096)
     with torch.device("meta"):
         bare = HybridLM(ModelConfig.from_preset(
-            "complexity-deep-1.5b", use_mu_guidance=False, shared_expert=False))
+            "complexity-deep-1.5b", mu_guidance=False, num_shared_experts=0))
     # The paper's 1.5B total is met by attention + routed experts alone.
     assert abs(bare.num_parameters() - 1.5e9) / 1.5e9 < 0.02
 
@@ -58,8 +58,10 @@ def test_1_5b_preset_matches_table_3():
          ["num_attention_heads=12", "hidden_size=100"]),
         (dict(num_key_value_heads=5), ["num_key_value_heads=5", "num_attention_heads=12"]),
         (dict(num_experts=0), ["num_experts=0", ">= 1"]),
-        (dict(mlp_type="sparse"), ["mlp_type", "'sparse'", "token_routed"]),
-        (dict(routing="hash"), ["routing", "'hash'", "zipf"]),
+        (dict(mlp_pattern="S"), ["mlp_pattern='S'", "unknown letters ['S']", "'T'"]),
+        (dict(mlp_type="moe"), ["mlp_type was removed", "mlp_pattern"]),
+        (dict(routing="zipf"), ["routing was renamed to tr_routing"]),
+        (dict(tr_routing="hash"), ["tr_routing", "'hash'", "zipf"]),
         (dict(num_experts=3), ["num_experts=3", "intermediate_size=2048"]),
         (dict(vocab_size=0), ["vocab_size=0"]),
         (dict(activation_clamp=-1.0), ["activation_clamp=-1.0"]),
@@ -99,7 +101,7 @@ def _gqa_attention(c: ModelConfig, reads_mu: bool) -> int:
     q_width = c.num_attention_heads * c.head_dim
     kv_width = c.num_key_value_heads * c.head_dim
     qkv = c.hidden_size * (q_width + 2 * kv_width) * (2 if reads_mu else 1)
-    qk_norm = 2 * c.head_dim if c.use_qk_norm else 0  # one RMSNorm gain over head_dim each
+    qk_norm = 2 * c.head_dim if c.attn_qk_norm else 0  # one RMSNorm gain over head_dim each
     return qkv + q_width * c.hidden_size + qk_norm
 
 
@@ -124,26 +126,26 @@ def _mamba(c: ModelConfig) -> int:
         din * n + din) + din * h
 
 
-def _expert_mlp(c: ModelConfig, experts: int) -> tuple[int, float]:
-    """One expert layer -> (parameters, routed-expert parameters one token leaves unused)."""
+def _expert_mlp(c: ModelConfig, letter: str, experts: int) -> tuple[int, float]:
+    """One expert layer (mlp letter T or E) -> (parameters, routed-expert parameters one token
+    leaves unused)."""
     h = c.hidden_size
-    if c.mlp_type == "token_routed":
-        # intermediate_size is the total width, split evenly over this layer's experts; the
-        # shared expert (if any) is one routed expert wide unless given its own width.
+    if letter == "T":
+        # intermediate_size is the total width, split evenly over this layer's experts.
         width = c.intermediate_size // experts
-        shared = (c.shared_expert_intermediate_size or width) if c.shared_expert else 0
         used = 1  # the routing table sends each token id to exactly one expert
         router = 0  # the table is fixed, not learned
     else:
         width = c.moe_intermediate_size or c.intermediate_size
-        # moe_num_shared experts of round(ratio * width) each: as one SwiGLU they are the same
-        # count (DeepSeekMoE's shared experts are ordinary experts every token passes through).
-        shared = c.moe_num_shared * max(1, round(c.shared_expert_ratio * width))
         router = h * experts  # gate H -> E, no bias (the balancing bias is not a weight)
         if c.moe_router == "topk":
             used = c.moe_top_k
         else:  # expert choice: E experts x C = N f / E tokens each = f experts per token
-            used = min(experts, c.moe_capacity_factor or 1.0)
+            used = min(experts, c.moe_ec_capacity_factor)
+    # num_shared_experts of their own width (None: one routed expert's) on T and E layers
+    # alike: as one SwiGLU they are the same count (DeepSeekMoE's shared experts are
+    # ordinary experts every token passes through).
+    shared = c.num_shared_experts * (c.shared_expert_intermediate_size or width)
     routed = experts * _swiglu(h, width)
     return router + routed + _swiglu(h, shared), (experts - used) * _swiglu(h, width)
 
@@ -152,7 +154,7 @@ def hand_parameter_count(c: ModelConfig) -> tuple[int, int]:
     """(total, active) parameters of a config, from the definitions above."""
     h = c.hidden_size
     mixers = [c.mixer_pattern[i % len(c.mixer_pattern)] for i in range(c.num_hidden_layers)]
-    reads_mu = [c.use_mu_guidance and m == "A" for m in mixers]
+    reads_mu = [c.mu_guidance and m == "A" for m in mixers]
     total = c.vocab_size * h * (1 if c.tie_word_embeddings else 2)  # embedding (+ lm_head)
     total += h  # final RMSNorm
     total += h if any(reads_mu) else 0  # mu_init: the mu the first attention layer reads
@@ -169,12 +171,12 @@ def hand_parameter_count(c: ModelConfig) -> tuple[int, int]:
         if experts == 0:
             total += _swiglu(h, c.intermediate_size)
         else:
-            params, idle = _expert_mlp(c, experts)
+            params, idle = _expert_mlp(c, c.layer_mlps[layer], experts)
             total, unused = total + params, unused + idle
         # mu update (clamp: W_mu h + mu_param; ema: W_mu h) only where a later layer reads mu
         if reads_mu[layer] and any(reads_mu[layer + 1:]):
             total += h * h + (h if c.mu_update == "clamp" else 0)
-        if c.use_dynamic_scaler:
+        if c.pid_scaler:
             total += 3 + 1  # Wc over [|h|, |mu|, |mu - mu_prev|] and bc
     return total, total - round(unused)
 
@@ -200,15 +202,18 @@ def test_every_preset_count_equals_the_hand_formula(name):
 # Branches no preset takes: untied head, ema mu, scaler, full-rank MLA query, expert choice
 # with a fractional capacity, per-layer token-routed experts with a wider shared expert, ...
 FORMULA_VARIANTS = [
-    ("tiny", dict(tie_word_embeddings=False, use_dynamic_scaler=True, mu_update="ema")),
-    ("tiny", dict(use_qk_norm=False, shared_expert=False, mixer_pattern="AM")),
-    ("tiny", dict(mlp_pattern="DE", num_experts_per_layer=[0, 2, 0, 8],
+    ("tiny", dict(tie_word_embeddings=False, pid_scaler=True, mu_update="ema")),
+    ("tiny", dict(attn_qk_norm=False, num_shared_experts=0, mixer_pattern="AM")),
+    ("tiny", dict(mlp_pattern="DT", num_experts_per_layer=[0, 2, 0, 8],
                   shared_expert_intermediate_size=96)),
     ("tiny", dict(mixer_pattern="LAMA", mla_q_rank=None, mla_kv_rank=64, mla_rope_dim=16)),
-    ("tiny", dict(mlp_type="moe", moe_router="expert_choice", moe_capacity_factor=1.5,
-                  moe_intermediate_size=192, moe_num_shared=2, shared_expert_ratio=0.75)),
+    ("tiny", dict(mlp_pattern="E", moe_router="expert_choice", moe_ec_capacity_factor=1.5,
+                  moe_intermediate_size=192, num_shared_experts=2,
+                  shared_expert_intermediate_size=144)),
+    ("tiny", dict(mlp_pattern="TEDE", num_experts_per_layer=[2, 8, 0, 4], moe_top_k=4,
+                  num_shared_experts=3)),
     ("jamba-tiny", dict(mamba_dt_rank=5, mamba_expand=3, mamba_d_conv=3, moe_top_k=3)),
-    ("corvus-mla", dict(num_hidden_layers=2, mlp_type="moe", moe_top_k=1, num_experts=3)),
+    ("corvus-mla", dict(num_hidden_layers=2, mlp_pattern="E", moe_top_k=1, num_experts=3)),
 ]
 
 
@@ -218,3 +223,23 @@ FORMULA_VARIANTS = [
 def test_hand_formula_covers_the_branches_no_preset_takes(name, overrides):
     cfg = ModelConfig.from_preset(name, **overrides)
     assert _counts_on_meta(cfg) == hand_parameter_count(cfg)
+
+
+# (total, active) parameters of every preset, recorded with the release before the config
+# fields were renamed: the renamed presets build the same models.
+PRESET_COUNTS = {
+    "complexity-deep-187m": (186822144, 123121152),
+    "complexity-deep-1.5b": (2074763264, 1168793600),
+    "nexus-tiny": (18422656, 15276928),
+    "nexus-small": (140748416, 58959488),
+    "nexus-base": (1429148928, 372184320),
+    "nexus-large": (20905310976, 2785917696),
+    "jamba-tiny": (5849536, 4276672),
+    "corvus-mla": (5709828096, 5709828096),
+    "tiny": (7540480, 5181184),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build_the_models_they_built_before_the_rename(name):
+    assert _counts_on_meta(ModelConfig.from_preset(name)) == PRESET_COUNTS[name]

@@ -51,8 +51,8 @@ SET_CASES = {  # argv after `train --data D --out RUN` -> words of the one-line 
                               ["model.num_experts='abc'", "integer"]),
     "model.rope_theta=.nan": (["--set", "model.rope_theta=.nan"],
                               ["model.rope_theta=nan", "finite"]),
-    "model.use_qk_norm=yes?": (["--set", "model.use_qk_norm=maybe"],
-                               ["model.use_qk_norm='maybe'", "true or false"]),
+    "model.attn_qk_norm=yes?": (["--set", "model.attn_qk_norm=maybe"],
+                               ["model.attn_qk_norm='maybe'", "true or false"]),
     "model.num_experts_per_layer=[4, true]": (
         ["--set", "model.num_experts_per_layer=[4, true]"],
         ["model.num_experts_per_layer[1]=True", "integer"]),
@@ -62,8 +62,12 @@ SET_CASES = {  # argv after `train --data D --out RUN` -> words of the one-line 
                             ["preset 'tiny'", "num_experts=3", "intermediate_size=1024"]),
     "model.mixer_pattern=AX": (["--set", "model.mixer_pattern=AX"],
                                ["mixer_pattern='AX'", "unknown letters ['X']"]),
-    "model.mlp_type=sparse": (["--set", "model.mlp_type=sparse"],
-                              ["mlp_type='sparse'", "is not one of"]),
+    "model.mlp_pattern=DS": (["--set", "model.mlp_pattern=DS"],
+                             ["mlp_pattern='DS'", "unknown letters ['S']"]),
+    "model.mlp_type=moe": (["--set", "model.mlp_type=moe"],
+                           ["mlp_type was removed", "mlp_pattern"]),
+    "model.routing=zipf": (["--set", "model.routing=zipf"],
+                           ["routing was renamed to tr_routing"]),
 }
 
 
@@ -118,8 +122,8 @@ CONFIG_JSON = {  # how config.json is damaged -> words of the one-line error
                         ["rope_theta=nan", "finite"]),
     "bool field 1": (lambda c: {**c, "tie_word_embeddings": 1},
                      ["tie_word_embeddings=1", "true or false"]),
-    "out of range": (lambda c: {**c, "moe_load_ema_decay": 1.0},
-                     ["moe_load_ema_decay=1.0", "[0, 1)"]),
+    "out of range": (lambda c: {**c, "moe_ema_decay": 1.0},
+                     ["moe_ema_decay=1.0", "[0, 1)"]),
     "unknown field": (lambda c: {**{k: v for k, v in c.items() if k != "hidden_size"},
                                  "hiden_size": 32},
                       ["unknown ModelConfig field 'hiden_size'", "did you mean 'hidden_size'"]),
@@ -171,6 +175,6 @@ def test_sft_from_a_model_whose_config_json_is_bad(saved_model, small_tokenizer,
 def test_sft_refuses_model_overrides(saved_model, run_dir, capsys):
     # the model directory decides the shape; an override would be silently dropped
     assert_one_line_error(["sft", "--model", saved_model, "--data", "chats.jsonl", "--out",
-                           run_dir, "--set", "model.routing=zipf"],
-                          "model overrides ['routing'] have no effect", capsys=capsys,
+                           run_dir, "--set", "model.tr_routing=zipf"],
+                          "model overrides ['tr_routing'] have no effect", capsys=capsys,
                           unchanged=[run_dir, saved_model])

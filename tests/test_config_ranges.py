@@ -27,15 +27,16 @@ MODEL_RANGES = {
     "initializer_range": ([0.0, -0.02], [1e-6]),
     "num_experts_per_layer": ([[-1] * 18, [4] * 17 + [0]], [[4] * 18, [1] * 18]),
     "num_experts": ([0, -1], [1]),
+    "num_shared_experts": ([-1], [0, 2]),
     "shared_expert_intermediate_size": ([0], [1, None]),
     "moe_top_k": ([0], [1]),
     "moe_aux_loss_coef": ([-1e-9], [0.0]),
-    "moe_bias_update_rate": ([-1e-9], [0.0]),
-    "moe_load_ema_decay": ([-0.1, 1.0], [0.0, 0.999]),
+    "moe_aux_free_rate": ([-1e-9], [0.0]),
+    "moe_ema_rate": ([-1e-9], [0.0]),
+    "moe_ema_decay": ([-0.1, 1.0], [0.0, 0.999]),
     "moe_capacity_factor": ([0.0, -1.0], [1e-3, None]),
+    "moe_ec_capacity_factor": ([0.0, -1.0, None], [1e-3]),
     "moe_intermediate_size": ([0], [1, None]),
-    "moe_num_shared": ([-1], [0]),
-    "shared_expert_ratio": ([0.0], [0.01]),
     "mla_kv_rank": ([0], [1]),
     "mla_rope_dim": ([0, 3], [2]),
     "mla_q_rank": ([0], [1, None]),
@@ -47,12 +48,11 @@ MODEL_RANGES = {
     "mu_clamp": ([0.0], [0.1]),
     "mu_ema_alpha": ([-0.1, 1.1], [0.0, 1.0]),
     "mu_ema_beta": ([-0.1, 1.1], [0.0, 1.0]),
-    "scaler_bias_init": ([], [-30.0, 30.0]),
+    "pid_scaler_bias_init": ([], [-30.0, 30.0]),
     "activation_clamp": ([0.0, -1.0], [0.5, None]),
     "mixer_pattern": (["", "AX", "AMMMM"], ["AMM", "L"]),
-    "mlp_pattern": (["", "DX", "DDDDE"], ["D", None]),
-    "mlp_type": (["sparse", ""], ["dense", "moe"]),
-    "routing": (["hash"], ["zipf"]),
+    "mlp_pattern": (["", "DX", "DDDDE", None], ["D", "TE"]),
+    "tr_routing": (["hash"], ["zipf"]),
     "moe_router": (["hash"], ["expert_choice"]),
     "moe_score": (["tanh"], ["sigmoid"]),
     "moe_balance": (["magic"], ["none", "ema"]),
@@ -170,18 +170,18 @@ def test_model_overrides_are_checked_when_the_run_is_read(model, words):
 
 def test_model_overrides_with_init_from_are_refused():
     # the model directory's config.json decides; overrides would be silently ignored
-    with pytest.raises(ConfigError, match=r"model overrides \['routing'\] have no effect"):
-        TrainConfig(**REQUIRED, init_from="m", model={"routing": "zipf"})
+    with pytest.raises(ConfigError, match=r"model overrides \['tr_routing'\] have no effect"):
+        TrainConfig(**REQUIRED, init_from="m", model={"tr_routing": "zipf"})
 
 
 def test_a_deep_model_validates_without_walking_its_layers():
     # validation reads the patterns, not one entry per layer: a typo'd depth is no hang
-    cfg = ModelConfig(num_hidden_layers=10**18, mlp_type="moe", mixer_pattern="AM")
+    cfg = ModelConfig(num_hidden_layers=10**18, mlp_pattern="E", mixer_pattern="AM")
     assert cfg.num_hidden_layers == 10**18
 
 
 def test_set_gives_string_fields_the_text_as_typed():
     cfg = load_train_config(None, REQUIRED, ["out=2024", "device=cpu", "init_from=null",
-                                             "model.mlp_pattern=~", "steps=7"])
+                                             "model.mla_q_rank=~", "steps=7"])
     assert (cfg.out, cfg.device, cfg.init_from, cfg.steps) == ("2024", "cpu", None, 7)
-    assert cfg.model == {"mlp_pattern": None}
+    assert cfg.model == {"mla_q_rank": None}

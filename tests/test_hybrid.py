@@ -99,7 +99,7 @@ STACKS = [
     dict(mixer_pattern="L", mla_absorb=True),
     dict(mixer_pattern="M"),
     dict(mixer_pattern="AMLM", num_hidden_layers=4, mlp_type="moe", mlp_pattern="DE"),
-    dict(mixer_pattern="MA", num_hidden_layers=4, use_dynamic_scaler=True),
+    dict(mixer_pattern="MA", num_hidden_layers=4, pid_scaler=True),
     dict(mixer_pattern="AM", num_hidden_layers=4, mlp_type="moe", moe_shortcut=True,
          moe_num_shared=1, shared_expert_ratio=0.5),
 ]
@@ -257,7 +257,7 @@ def test_balance_step_moves_the_bias_by_the_load_summed_over_ranks(balance):
     rate, decay = 0.1, 0.9
     torch.manual_seed(0)
     model = HybridLM(small(mlp_type="moe", moe_balance=balance, moe_bias_update_rate=rate,
-                           moe_load_ema_decay=decay)).train()
+                           moe_ema_decay=decay)).train()
     with torch.no_grad():
         for block in model.layers:
             block.mlp.router.gate.weight[0].fill_(1.0)  # skew: expert 0 wins often

@@ -33,7 +33,7 @@ def test_labels_are_shifted_inside_and_minus_100_ignored(make_model):
 
 @pytest.mark.parametrize("scaler", [False, True])
 def test_every_expert_shared_expert_and_mu_parameter_gets_gradient(make_model, scaler):
-    model = make_model(use_dynamic_scaler=scaler).train()
+    model = make_model(pid_scaler=scaler).train()
     if scaler:
         # At init the controller weight is 0 and every mu is exactly 0, where |mu| has zero
         # gradient; give both the non-zero values they take after the first steps.
@@ -59,8 +59,8 @@ def test_every_expert_shared_expert_and_mu_parameter_gets_gradient(make_model, s
 
 def test_mu_off_reproduces_a_plain_block(make_model):
     """A mu model whose mu columns are zero equals the model built without mu."""
-    plain = make_model(seed=1, use_mu_guidance=False)
-    mu = make_model(seed=2, use_mu_guidance=True)
+    plain = make_model(seed=1, mu_guidance=False)
+    mu = make_model(seed=2, mu_guidance=True)
     plain_state = plain.state_dict()
     with torch.no_grad():
         for name, p in mu.named_parameters():
@@ -111,7 +111,7 @@ def test_dynamic_scaler_formula():
 
 
 def test_dynamic_scaler_scales_the_residual(make_model):
-    model = make_model(use_dynamic_scaler=True, scaler_bias_init=-30.0)
+    model = make_model(pid_scaler=True, pid_scaler_bias_init=-30.0)
     ids = torch.randint(0, 97, (1, 5))
     # s ~ 0: each block adds nothing, so logits come from the embedding alone
     h = model.embed_tokens(ids)
@@ -139,7 +139,7 @@ def test_logits_do_not_depend_on_the_rest_of_the_batch(make_model):
 
 
 def test_zipf_table_is_installed_in_every_layer(make_model):
-    model = make_model(routing="zipf")
+    model = make_model(tr_routing="zipf")
     table = zipf_routing_table(torch.arange(97, 0, -1), 4)
     model.set_routing_table(table)
     ids = torch.randint(0, 97, (1, 20))
@@ -174,7 +174,7 @@ def test_too_long_sequence_is_refused(make_model):
 
 
 def test_dense_mlp_model_runs(make_model):
-    model = make_model(mlp_type="dense")
+    model = make_model(mlp_pattern="D")
     ids = torch.randint(0, 97, (2, 6))
     out = model(ids, labels=ids)
     assert out.aux["expert_counts"] == [] and torch.isfinite(out.loss)
@@ -193,8 +193,8 @@ def test_isinstance_model(make_model):
 
 
 def test_zipf_routing_builds_one_table_per_expert_count(make_model):
-    model = make_model(num_hidden_layers=2, mlp_pattern="E", num_experts_per_layer=[4, 2],
-                       routing="zipf")
+    model = make_model(num_hidden_layers=2, mlp_pattern="T", num_experts_per_layer=[4, 2],
+                       tr_routing="zipf")
     counts = torch.arange(97, 0, -1)
     model.set_zipf_routing(counts)
     assert torch.equal(model.layers[0].mlp.router.table, zipf_routing_table(counts, 4))

@@ -14,7 +14,7 @@ MIXERS = ["A", "L", "M", "AM", "MLA"]
 def _config(pattern: str) -> dict:
     # Dense MLPs: per-token, so packing is exact. Small MLA and Mamba widths keep it fast;
     # chunk 4 puts example boundaries both inside and on the edges of scan chunks.
-    return dict(mixer_pattern=pattern, num_hidden_layers=max(2, len(pattern)), mlp_type="dense",
+    return dict(mixer_pattern=pattern, num_hidden_layers=max(2, len(pattern)), mlp_pattern="D",
                 mla_kv_rank=16, mla_rope_dim=8, mamba_d_state=4, mamba_chunk_size=4)
 
 

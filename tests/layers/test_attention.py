@@ -10,8 +10,8 @@ def make_attention(kv_heads: int, *, qk_norm: bool, mu: bool) -> Attention:
     """A 32-wide, 4-head GQA mixer with kv_heads key/value heads."""
     config = ModelConfig(
         vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=kv_heads, intermediate_size=64, use_qk_norm=qk_norm,
-        use_mu_guidance=mu,
+        num_key_value_heads=kv_heads, intermediate_size=64, attn_qk_norm=qk_norm,
+        mu_guidance=mu,
     )
     return Attention(config, 0)
 

@@ -18,7 +18,7 @@ from hybridlm import ConfigError, HybridLM
 from hybridlm.config import ModelConfig
 from hybridlm.layers.attention import Attention
 from hybridlm.layers.mixers import Mixer, build_mixer
-from hybridlm.mixer_registry import mixer_letters, register_mixer, unregister_mixer
+from hybridlm.registry import mixer_letters, register_mixer, unregister_mixer
 
 TOY = "X"
 
@@ -74,7 +74,7 @@ def toy_mixer():
 
 def test_registered_toy_mixer_trains_in_a_stack(toy_mixer, fit_fixed_batch):
     torch.manual_seed(0)
-    model = HybridLM(tiny_config(num_hidden_layers=2, mixer_pattern="AX", mlp_type="dense"))
+    model = HybridLM(tiny_config(num_hidden_layers=2, mixer_pattern="AX", mlp_pattern="D"))
     assert isinstance(model.layers[1].mixer, toy_mixer)
     ids = torch.randint(0, 97, (4, 16))
     losses = fit_fixed_batch(model, ids, steps=25)
@@ -86,7 +86,7 @@ def test_registered_toy_mixer_trains_in_a_stack(toy_mixer, fit_fixed_batch):
 def test_cached_decode_equals_full_forward(pattern, toy_mixer):
     torch.manual_seed(0)
     config = tiny_config(num_hidden_layers=3 if pattern == "ALM" else 2, mixer_pattern=pattern,
-                         mlp_type="dense")
+                         mlp_pattern="D")
     model = HybridLM(config).eval()
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad():

@@ -1,5 +1,8 @@
-"""The router contract and the MLP registry: a router and an MLP kind defined in this file
-alone train in a stack; T and E layers mix in one stack."""
+"""The router contract and the MLP and router registries: a router and an MLP kind defined in
+this file alone train in a stack, and so does a router of learned-MoE layers registered under
+a moe_router name; T and E layers mix in one stack."""
+
+from __future__ import annotations
 
 import pytest
 import torch
@@ -7,13 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridlm import HybridLM, ModelConfig
-from hybridlm.config import MLP_LETTERS, ConfigError
+from hybridlm.config import ConfigError
 from hybridlm.layers.experts import GroupedExperts
-from hybridlm.layers.mlp_registry import MLP_BUILDERS, register_mlp
 from hybridlm.layers.moe import MoEMLP
 from hybridlm.layers.routing import Router, Routing
 from hybridlm.layers.routing_tables import zipf_routing_table
 from hybridlm.layers.token_routed import TokenRoutedMLP
+from hybridlm.registry import (
+    mlp_letters,
+    register_mlp,
+    register_router,
+    router_names,
+    unregister_mlp,
+    unregister_router,
+)
 
 V, H, E = 31, 16, 4
 
@@ -75,13 +85,13 @@ class HashMoE(nn.Module):
 def hash_letter():
     register_mlp("H", HashMoE, "hash-routed experts (test)")
     yield "H"
-    del MLP_BUILDERS["H"], MLP_LETTERS["H"]
+    unregister_mlp("H")
 
 
 def config(**overrides) -> ModelConfig:
     base = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, intermediate_size=32, num_experts=E,
-                max_position_embeddings=32, mixer_pattern="A", use_mu_guidance=False)
+                max_position_embeddings=32, mixer_pattern="A", mu_guidance=False)
     return ModelConfig(**{**base, **overrides})
 
 
@@ -113,7 +123,7 @@ def per_token_loop(mlp: HashMoE, x: torch.Tensor, token_ids: torch.Tensor) -> to
 
 def test_a_registered_router_and_mlp_train_in_a_stack(hash_letter):
     torch.manual_seed(0)
-    model = HybridLM(config(mlp_type="moe", mlp_pattern=hash_letter + "E", moe_top_k=2))
+    model = HybridLM(config(mlp_pattern=hash_letter + "E", moe_top_k=2))
     toy = model.layers[0].mlp
     assert isinstance(toy, HashMoE) and isinstance(model.layers[1].mlp, MoEMLP)
     losses = train(model)
@@ -148,17 +158,23 @@ def test_a_registered_routers_dispatch_equals_a_per_token_loop_and_trains_every_
 
 
 def test_registering_a_taken_or_bad_letter_is_refused():
-    with pytest.raises(ValueError, match="'E' is taken"):
+    with pytest.raises(ValueError, match="MLP 'E' is already registered to build_learned_moe"):
         register_mlp("E", HashMoE, "again")
-    with pytest.raises(ValueError, match="one upper-case letter"):
+    with pytest.raises(ValueError, match="one printable character"):
         register_mlp("hh", HashMoE, "two letters")
+    with pytest.raises(ValueError, match="router 'topk' is already registered"):
+        register_router("topk", HashRouter, "again")
+    with pytest.raises(ValueError, match="a name without spaces"):
+        register_router("my router", HashRouter, "a space")
+    assert list(mlp_letters()) == ["D", "T", "E"]
+    assert list(router_names()) == ["topk", "expert_choice"]
 
 
 # --- token-routed and learned MoE in one stack -----------------------------------------------
 def test_token_routed_and_learned_moe_layers_mix_train_balance_and_reload(tmp_path):
     torch.manual_seed(0)
-    cfg = config(mlp_type="moe", mlp_pattern="TE", routing="zipf", moe_balance="aux_free",
-                 moe_top_k=1, moe_bias_update_rate=0.01)
+    cfg = config(mlp_pattern="TE", tr_routing="zipf", moe_balance="aux_free", moe_top_k=1,
+                 moe_aux_free_rate=0.01)
     model = HybridLM(cfg)
     token_routed, moe = model.layers[0].mlp, model.layers[1].mlp
     assert isinstance(token_routed, TokenRoutedMLP) and isinstance(moe, MoEMLP)
@@ -177,17 +193,88 @@ def test_token_routed_and_learned_moe_layers_mix_train_balance_and_reload(tmp_pa
     assert torch.equal(loaded.layers[1].mlp.router.expert_bias, moe.router.expert_bias)
 
 
-def test_e_still_means_token_routed_under_mlp_type_token_routed():
-    model = HybridLM(config(mlp_type="token_routed", mlp_pattern="DE"))
-    assert isinstance(model.layers[1].mlp, TokenRoutedMLP)
-    assert model.config.layer_mlp_kinds == ["D", "T"]
+def test_each_letter_names_one_kind_and_shared_experts_apply_to_both():
+    model = HybridLM(config(mlp_pattern="TE", num_shared_experts=2, moe_intermediate_size=24))
+    token_routed, moe = model.layers[0].mlp, model.layers[1].mlp
+    assert isinstance(token_routed, TokenRoutedMLP) and isinstance(moe, MoEMLP)
+    # two shared experts as wide as one routed expert of each layer: 32 / 4 and 24
+    assert token_routed.shared.gate_proj.out_features == 2 * 8
+    assert moe.shared.gate_proj.out_features == 2 * 24
     keys = set(model.state_dict())
-    assert "layers.1.mlp.router.table" in keys and "layers.1.mlp.experts.w_gate" in keys
+    assert {"layers.0.mlp.router.table", "layers.0.mlp.shared.up_proj.weight",
+            "layers.1.mlp.router.gate.weight", "layers.1.mlp.shared.up_proj.weight"} <= keys
+    wide = HybridLM(config(mlp_pattern="TE", shared_expert_intermediate_size=5))
+    assert [b.mlp.shared.gate_proj.out_features for b in wide.layers] == [5, 5]
+    assert all(b.mlp.shared is None
+               for b in HybridLM(config(mlp_pattern="TE", num_shared_experts=0)).layers)
+
+
+def test_top_k_is_checked_against_the_learned_layers_only():
+    # T layers of 2 experts do not limit the top-k of the E layers' 8
+    cfg = config(num_hidden_layers=4, mlp_pattern="TE", num_experts_per_layer=[2, 8, 2, 8],
+                 moe_top_k=4)
+    assert cfg.moe_top_k == 4
+    with pytest.raises(ConfigError, match=r"moe_top_k=4 exceeds the 3 experts of a learned-MoE "
+                                          r"layer \(num_experts_per_layer\[3\]\)"):
+        config(num_hidden_layers=4, mlp_pattern="TE", num_experts_per_layer=[8, 8, 8, 3],
+               moe_top_k=4)
+    with pytest.raises(ConfigError, match="moe_top_k=5 exceeds the 4 experts"):
+        config(mlp_pattern="DE", moe_top_k=5)
+    config(mlp_pattern="DT", moe_top_k=5)  # no learned layer: top-k unused
 
 
 def test_t_layers_need_experts_dividing_the_mlp_width():
     with pytest.raises(ConfigError, match="num_experts=3 must divide intermediate_size=32"):
-        config(mlp_type="moe", mlp_pattern="TE", num_experts=3).validate()
-    config(mlp_type="moe", mlp_pattern="DE", num_experts=3).validate()  # no T layer: fine
+        config(mlp_pattern="TE", num_experts=3).validate()
+    config(mlp_pattern="DE", num_experts=3).validate()  # no T layer: fine
     with pytest.raises(ConfigError, match="num_experts_per_layer\\[0\\]=3 must divide"):
-        config(mlp_type="moe", mlp_pattern="TE", num_experts_per_layer=[3, 3]).validate()
+        config(mlp_pattern="TE", num_experts_per_layer=[3, 3]).validate()
+
+
+# --- a router of learned-MoE layers, registered under a moe_router name -----------------------
+class SignRouter(Router):
+    """Top-1 by a learned gate with softmax scores, through the contract MoEMLP reads: probs,
+    selected, score and experts_per_token (and no balancing bias)."""
+
+    score = "softmax"
+    fp32_parameters = ("gate",)
+
+    def __init__(self, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+
+    @classmethod
+    def build(cls, config: ModelConfig, num_experts: int) -> SignRouter:
+        return cls(config.hidden_size, num_experts)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        probs = self.gate(x).float().softmax(dim=-1)  # (N, E)
+        weights, expert_ids = probs.max(dim=-1, keepdim=True)  # (N, 1) each
+        return Routing.token_choice(expert_ids, self.num_experts, weights, probs)
+
+
+@pytest.fixture
+def sign_router():
+    register_router("sign", SignRouter.build, "top-1 of a softmax gate (test)")
+    yield "sign"
+    unregister_router("sign")
+
+
+def test_a_registered_router_trains_learned_moe_layers(sign_router):
+    torch.manual_seed(0)
+    model = HybridLM(config(mlp_pattern="EE", moe_router=sign_router, moe_balance="aux_loss"))
+    moe = model.layers[0].mlp
+    assert isinstance(moe.router, SignRouter) and moe.active_experts_per_token == 1
+    inactive = (E - 1) * sum(p[0].numel() for p in moe.experts.parameters())
+    assert model.num_parameters(active=True) == model.num_parameters() - 2 * inactive
+    before = moe.router.gate.weight.detach().clone()
+    losses = train(model)
+    assert losses[-1] < losses[0] - 0.3
+    assert not torch.equal(moe.router.gate.weight, before)  # the gate learns (weights, aux)
+
+
+def test_an_unregistered_router_name_is_refused_with_the_known_ones():
+    with pytest.raises(ConfigError, match=r"moe_router='sign' is not one of \['topk', "
+                                          r"'expert_choice'\]"):
+        config(mlp_pattern="E", moe_router="sign")

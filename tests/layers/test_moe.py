@@ -20,8 +20,8 @@ H, E = 16, 4
 def make_config(**overrides) -> ModelConfig:
     base = dict(
         vocab_size=97, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=32, mlp_type="moe", num_experts=E,
-        moe_top_k=2,
+        num_key_value_heads=2, intermediate_size=32, mlp_pattern="E", num_experts=E,
+        moe_top_k=2, num_shared_experts=0,
     )
     return ModelConfig(**{**base, **overrides})
 
@@ -66,7 +66,7 @@ def reference_slots(mlp: MoEMLP, xr: torch.Tensor, cfg: ModelConfig) -> list[tup
                 w = w / w.sum()
             slots += [(n, e, w[j]) for j, e in enumerate(chosen)]
     else:
-        cap = min(max(math.ceil(n_tok * (cfg.moe_capacity_factor or 1.0) / n_exp), 1), n_tok)
+        cap = min(max(math.ceil(n_tok * cfg.moe_ec_capacity_factor / n_exp), 1), n_tok)
         for e in range(n_exp):
             best = sorted(range(n_tok), key=lambda n: -float(probs[n, e]))[:cap]
             slots += [(n, e, probs[n, e]) for n in best]
@@ -97,7 +97,7 @@ def shared_part(mlp: MoEMLP, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("skew", [False, True])
 def test_topk_equals_per_token_loop(top_k, score, renormalize, skew):
     cfg = dict(moe_top_k=top_k, moe_score=score, moe_renormalize=renormalize,
-               moe_num_shared=2 if skew else 1, shared_expert_ratio=0.5)
+               num_shared_experts=2 if skew else 1, shared_expert_intermediate_size=16)
     mlp = make_moe(**cfg).eval()
     if skew:  # expert 0 always chosen, expert 3 never: an expert with no tokens
         mlp.router.expert_bias.copy_(torch.tensor([10.0, 0.0, 0.0, -10.0]))
@@ -115,16 +115,19 @@ def test_topk_equals_per_token_loop(top_k, score, renormalize, skew):
 
 
 def test_no_shared_expert_and_shared_width():
-    assert make_moe(moe_num_shared=0).shared is None
-    mlp = make_moe(moe_num_shared=3, shared_expert_ratio=0.5, moe_intermediate_size=8)
-    assert mlp.shared.gate_proj.out_features == 3 * 4  # 3 shared experts of width 0.5 * 8
+    assert make_moe(num_shared_experts=0).shared is None
+    mlp = make_moe(num_shared_experts=3, shared_expert_intermediate_size=4,
+                   moe_intermediate_size=8)
+    assert mlp.shared.gate_proj.out_features == 3 * 4  # 3 shared experts of width 4
+    mlp = make_moe(num_shared_experts=2, moe_intermediate_size=8)
+    assert mlp.shared.gate_proj.out_features == 2 * 8  # None: as wide as a routed expert
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("factor", [None, 0.5, 2.0])
+@pytest.mark.parametrize("factor", [1.0, 0.5, 2.0])
 def test_expert_choice_equals_per_token_loop(score, factor):
-    cfg = dict(moe_router="expert_choice", moe_score=score, moe_capacity_factor=factor,
-               moe_num_shared=1)
+    cfg = dict(moe_router="expert_choice", moe_score=score, moe_ec_capacity_factor=factor,
+               num_shared_experts=1)
     mlp = make_moe(**cfg)  # train or eval: expert choice routes the same way
     x = torch.randn(3, 5, H)
     y, stats = mlp(x)
@@ -167,7 +170,7 @@ def test_expert_choice_capacity_formula_examples():
 
 # --- 3. token-choice capacity dropping --------------------------------------------------------
 def test_capacity_drops_overflow_in_training_only():
-    mlp = make_moe(moe_top_k=1, moe_capacity_factor=1.0, moe_num_shared=1).train()
+    mlp = make_moe(moe_top_k=1, moe_capacity_factor=1.0, num_shared_experts=1).train()
     mlp.router.expert_bias.copy_(torch.tensor([0.3, 0.0, 0.0, 0.0]))  # expert 0 overloaded
     x = torch.randn(1, 16, H)
     flat = x.reshape(-1, H)
@@ -208,7 +211,7 @@ def test_capacity_top2_bounds_every_expert():
 def moe_routed_by(logits: torch.Tensor, **overrides) -> tuple[MoEMLP, torch.Tensor]:
     """A softmax MoE whose router logits for the returned tokens x (1, N, H) are `logits`
     (N, E): the gate reads the first E coordinates of x, which hold the logits."""
-    mlp = make_moe(moe_num_shared=1, **overrides)
+    mlp = make_moe(num_shared_experts=1, **overrides)
     n_tok, n_exp = logits.shape
     with torch.no_grad():
         mlp.router.gate.weight.copy_(torch.eye(n_exp, H))
@@ -261,7 +264,7 @@ def test_capacity_serves_first_choices_before_second_choices():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_capacity_dispatch_equals_a_loop_in_choice_then_position_order(seed):
-    cfg = dict(moe_top_k=2, moe_capacity_factor=0.75, moe_num_shared=1)
+    cfg = dict(moe_top_k=2, moe_capacity_factor=0.75, num_shared_experts=1)
     mlp = make_moe(seed=seed, **cfg).train()
     mlp.router.expert_bias.copy_(torch.tensor([0.6, 0.3, 0.0, 0.0]))  # overload 0 and 1
     x = torch.randn(2, 10, H)
@@ -327,7 +330,8 @@ def test_aux_loss_is_zero_without_aux_loss_balance():
 def skewed_moe(balance: str, rate: float) -> MoEMLP:
     """Sigmoid router where inputs lean along the all-ones direction and the gate rows of
     experts 0 and 1 lean the same way: those two win most tokens."""
-    mlp = make_moe(moe_balance=balance, moe_bias_update_rate=rate, moe_score="sigmoid").train()
+    mlp = make_moe(moe_balance=balance, moe_aux_free_rate=rate, moe_ema_rate=rate,
+                   moe_score="sigmoid").train()
     with torch.no_grad():
         mlp.router.gate.weight[0] += 0.15
         mlp.router.gate.weight[1] += 0.1
@@ -383,10 +387,11 @@ def test_pending_load_counts_selected_slots_and_resets():
 
 def test_balance_updates_by_hand():
     load = torch.tensor([10.0, 2.0, 4.0, 4.0])  # mean 5
-    mlp = make_moe(moe_balance="aux_free", moe_bias_update_rate=0.1)
+    # each balance reads its own rate: the other one's is set to a value that would show
+    mlp = make_moe(moe_balance="aux_free", moe_aux_free_rate=0.1, moe_ema_rate=5.0)
     mlp.apply_balance(load)
     torch.testing.assert_close(mlp.router.expert_bias, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
-    mlp = make_moe(moe_balance="ema", moe_bias_update_rate=0.1, moe_load_ema_decay=0.5)
+    mlp = make_moe(moe_balance="ema", moe_ema_rate=0.1, moe_aux_free_rate=5.0, moe_ema_decay=0.5)
     mlp.apply_balance(load)
     ema = 0.5 * torch.ones(4) + 0.5 * load / 5  # loads in units of the target
     torch.testing.assert_close(mlp.load_ema, ema)
@@ -417,7 +422,7 @@ def test_bias_changes_selection_not_weights():
 
 # --- 7. fp32 router under autocast ------------------------------------------------------------
 def test_router_runs_in_fp32_under_bf16_autocast():
-    mlp = make_moe(moe_num_shared=1)
+    mlp = make_moe(num_shared_experts=1)
     x = torch.randn(2, 9, H)
     ids, _, probs = token_choices(mlp.router, x.reshape(-1, H))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -436,7 +441,7 @@ def test_router_runs_in_fp32_under_bf16_autocast():
 # --- 8. gradients -----------------------------------------------------------------------------
 @pytest.mark.parametrize("router", ["topk", "expert_choice"])
 def test_every_expert_shared_and_gate_get_gradient(router):
-    mlp = make_moe(moe_router=router, moe_top_k=2, moe_num_shared=1)
+    mlp = make_moe(moe_router=router, moe_top_k=2, num_shared_experts=1)
     x = torch.randn(2, 12, H)
     y, stats = mlp(x)
     assert (stats["expert_counts"] > 0).all()
@@ -450,7 +455,7 @@ def test_every_expert_shared_and_gate_get_gradient(router):
 
 # --- 9. ScMoE shortcut ------------------------------------------------------------------------
 def test_shortcut_feeds_router_and_routed_experts_x_feeds_shared():
-    mlp = make_moe(moe_num_shared=1)
+    mlp = make_moe(num_shared_experts=1)
     x, s = torch.randn(2, 5, H), torch.randn(2, 5, H)
     y_xs, _ = mlp(x, shortcut=s)
     y_sx, _ = mlp(s, shortcut=x)
@@ -461,7 +466,7 @@ def test_shortcut_feeds_router_and_routed_experts_x_feeds_shared():
     torch.testing.assert_close(y_xs, y_s - shared_part(mlp, s) + shared_part(mlp, x),
                                atol=1e-5, rtol=1e-5)
     flat_x, flat_s = x.reshape(-1, H), s.reshape(-1, H)
-    slots = reference_slots(mlp, flat_s, make_config(moe_num_shared=1))
+    slots = reference_slots(mlp, flat_s, make_config(num_shared_experts=1))
     torch.testing.assert_close(y_xs.reshape(-1, H), per_token_loop(mlp, flat_x, flat_s, slots),
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="shortcut shape"):
@@ -471,7 +476,7 @@ def test_shortcut_feeds_router_and_routed_experts_x_feeds_shared():
 # --- 10. bad input ----------------------------------------------------------------------------
 def test_bad_arguments_raise():
     cfg = make_config(moe_top_k=3)
-    with pytest.raises(ValueError, match="moe_top_k=3 exceeds num_experts=2"):
+    with pytest.raises(ValueError, match=r"moe_top_k=3 must lie in \[1, num_experts=2\]"):
         MoEMLP(cfg, 2)
     with pytest.raises(ValueError, match="num_experts=0"):
         MoEMLP(cfg, 0)
@@ -492,7 +497,7 @@ def small_expert_choice_model(factor: float = 1.0, **overrides) -> HybridLM:
     cfg = ModelConfig(
         vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=64, num_experts=E, max_position_embeddings=64,
-        mlp_type="moe", moe_router="expert_choice", moe_capacity_factor=factor,
+        mlp_pattern="E", moe_router="expert_choice", moe_ec_capacity_factor=factor,
         tie_word_embeddings=False, **overrides,
     )
     torch.manual_seed(0)
@@ -539,10 +544,10 @@ def test_causal_top_k_is_the_capacity_factor_rounded_half_up(factor, k):
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("factor", [None, 2.0, 3.0])
+@pytest.mark.parametrize("factor", [1.0, 2.0, 3.0])
 def test_causal_routing_is_token_choice_over_the_same_scores(score, factor):
-    cfg = dict(moe_router="expert_choice", moe_score=score, moe_capacity_factor=factor,
-               moe_num_shared=1)
+    cfg = dict(moe_router="expert_choice", moe_score=score, moe_ec_capacity_factor=factor,
+               num_shared_experts=1)
     mlp = make_moe(**cfg)
     x = torch.randn(3, 5, H)
     flat = x.reshape(-1, H)

@@ -76,7 +76,9 @@ def test_equal_split_dispatch_would_be_wrong():
 
 def test_token_routed_mlp_routes_by_table_and_adds_shared():
     torch.manual_seed(0)
-    mlp = TokenRoutedMLP(8, 16, num_experts=3, vocab_size=10, shared_intermediate_size=16)
+    mlp = TokenRoutedMLP(8, 16, num_experts=3, vocab_size=10, num_shared_experts=2,
+                         shared_expert_size=12)
+    assert mlp.shared.gate_proj.out_features == 2 * 12
     for p in mlp.parameters():
         torch.nn.init.normal_(p, 0, 0.3)
     table = torch.tensor([2, 2, 0, 1, 0, 2, 1, 1, 0, 0])
@@ -92,7 +94,8 @@ def test_token_routed_mlp_routes_by_table_and_adds_shared():
 
 
 def test_token_routed_without_token_ids_is_an_error():
-    mlp = TokenRoutedMLP(8, 16, num_experts=2, vocab_size=10, shared_intermediate_size=None)
+    mlp = TokenRoutedMLP(8, 16, num_experts=2, vocab_size=10, num_shared_experts=0)
+    assert mlp.shared is None
     with pytest.raises(ValueError, match="token ids"):
         mlp(torch.randn(1, 3, 8))
 

@@ -48,7 +48,7 @@ def test_wsd_and_warm_restarts():
 
 
 def test_no_weight_decay_on_norms_biases_embeddings(make_model):
-    model = make_model(use_dynamic_scaler=True)
+    model = make_model(pid_scaler=True)
     decay, no_decay = param_groups(model, 0.1)
     no_decay_ids = {id(p) for p in no_decay["params"]}
     assert id(model.embed_tokens.weight) in no_decay_ids
@@ -60,7 +60,7 @@ def test_no_weight_decay_on_norms_biases_embeddings(make_model):
 
 def test_tiny_model_loss_falls_on_the_demo_corpus(prepared_dir, tmp_path):
     data = load_prepared(prepared_dir)
-    cfg = run_config(prepared_dir, tmp_path / "run", model={**SMALL, "routing": "zipf"})
+    cfg = run_config(prepared_dir, tmp_path / "run", model={**SMALL, "tr_routing": "zipf"})
     result = train(cfg)
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == list(range(1, 61))
@@ -237,7 +237,7 @@ def test_run_file_plus_overrides(tmp_path):
     cfg = load_train_config(path, {"lr": 0.01, "steps": None}, ["model.num_experts=2",
                                                                  "schedule=wsd"])
     assert (cfg.steps, cfg.lr, cfg.schedule) == (10, 0.01, "wsd")
-    assert cfg.model == {"routing": "zipf", "num_experts": 2}
+    assert cfg.model == {"tr_routing": "zipf", "num_experts": 2}
     with pytest.raises(ValueError, match="unknown training field 'stepz'"):
         load_train_config(path, set_args=["stepz=3"])
     path.write_text("data: [unclosed\n")

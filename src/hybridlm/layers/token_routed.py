@@ -1,8 +1,9 @@
 """Token-Routed MLP (Complexity-Deep 3.2): the expert is chosen by the token id alone.
 
 expert = table[token_id], one expert per token, plus the shared experts every token passes
-through (layers/mlp.SharedExperts, as on learned-MoE layers): y = shared(x) + expert(x). The table is a persistent buffer, so a saved and
-reloaded model routes exactly as the trained one did.
+through (layers/mlp.SharedExperts, as on learned-MoE layers): y = shared(x) + expert(x).
+The table is a persistent buffer, so a saved and reloaded model routes exactly as the
+trained one did.
 """
 
 from __future__ import annotations

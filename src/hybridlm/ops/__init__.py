@@ -20,11 +20,11 @@ __all__ = [
     "attention",
     "current_impl",
     "fast_path_enabled",
-    "set_impl",
-    "use_impl",
     "grouped_swiglu",
     "selective_scan_chunked",
     "selective_scan_sequential",
     "selective_scan_step",
+    "set_impl",
     "sort_by_expert",
+    "use_impl",
 ]
