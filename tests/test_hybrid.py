@@ -9,10 +9,10 @@ from hybridlm import PRESETS, HybridLM, ModelConfig
 
 MIXERS = ["A", "L", "M"]
 MLPS = [
-    {"mlp_type": "dense"},
-    {"mlp_type": "token_routed"},
-    {"mlp_type": "moe", "moe_router": "topk", "moe_top_k": 2},
-    {"mlp_type": "moe", "moe_router": "expert_choice", "moe_capacity_factor": 1.0},
+    {"mlp_pattern": "D"},
+    {"mlp_pattern": "T"},
+    {"mlp_pattern": "E", "moe_router": "topk", "moe_top_k": 2},
+    {"mlp_pattern": "E", "moe_router": "expert_choice", "moe_ec_capacity_factor": 1.0},
 ]
 
 
@@ -76,13 +76,13 @@ def _held_out_recall_loss_after_training(model: HybridLM, steps: int = 60) -> fl
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
-@pytest.mark.parametrize("mlp", MLPS, ids=lambda m: m["mlp_type"] + m.get("moe_router", ""))
+@pytest.mark.parametrize("mlp", MLPS, ids=lambda m: m["mlp_pattern"] + m.get("moe_router", ""))
 def test_every_mixer_and_mlp_learns_to_recall_a_distant_key(mixer, mlp):
     loss = _held_out_recall_loss_after_training(_recall_model(mixer, mlp))
     assert loss < 0.5 * math.log(RECALL_KEYS), loss  # guessing: log(8) = 2.08 nats
 
 
-@pytest.mark.parametrize("mlp", MLPS, ids=lambda m: m["mlp_type"] + m.get("moe_router", ""))
+@pytest.mark.parametrize("mlp", MLPS, ids=lambda m: m["mlp_pattern"] + m.get("moe_router", ""))
 def test_key_recall_fails_with_the_mixer_returning_zeros(mlp, monkeypatch):
     # The breakage the test above must catch: an MLP alone (token-local, or expert choice
     # seeing the batch) can't name a key it never sees. "A" keeps mu flowing between layers.
@@ -98,15 +98,15 @@ STACKS = [
     dict(mixer_pattern="L"),
     dict(mixer_pattern="L", mla_absorb=True),
     dict(mixer_pattern="M"),
-    dict(mixer_pattern="AMLM", num_hidden_layers=4, mlp_type="moe", mlp_pattern="DE"),
+    dict(mixer_pattern="AMLM", num_hidden_layers=4, mlp_pattern="DE"),
     dict(mixer_pattern="MA", num_hidden_layers=4, pid_scaler=True),
-    dict(mixer_pattern="AM", num_hidden_layers=4, mlp_type="moe", moe_shortcut=True,
-         moe_num_shared=1, shared_expert_ratio=0.5),
+    dict(mixer_pattern="AM", num_hidden_layers=4, mlp_pattern="E", moe_shortcut=True,
+         num_shared_experts=1, shared_expert_intermediate_size=32),
 ]
 
 
 PARITY_ATOL = 1e-4  # cached vs full logits; measured float error <= 1e-5 at logit scale ~6
-MIXED = dict(mixer_pattern="AMLM", num_hidden_layers=4, mlp_type="moe")
+MIXED = dict(mixer_pattern="AMLM", num_hidden_layers=4, mlp_pattern="E")
 CHUNKS = (4, 1, 3, 1, 2)  # a prefill, single decode steps and multi-token continuations
 
 
@@ -221,7 +221,7 @@ def test_cache_bytes_match_what_generate_allocates():
 
 
 def test_expert_choice_refuses_generation():
-    model = HybridLM(small(mlp_type="moe", moe_router="expert_choice")).eval()
+    model = HybridLM(small(mlp_pattern="E", moe_router="expert_choice")).eval()
     assert not model.is_causal
     with pytest.raises(ValueError, match="expert_choice.*not causal"):
         model.generate(torch.randint(0, 61, (1, 3)), max_new_tokens=2)
@@ -231,7 +231,7 @@ def test_expert_choice_refuses_generation():
 
 def test_aux_loss_is_added_to_the_model_loss():
     torch.manual_seed(0)
-    model = HybridLM(small(mlp_type="moe", moe_balance="aux_loss", moe_aux_loss_coef=0.5))
+    model = HybridLM(small(mlp_pattern="E", moe_balance="aux_loss", moe_aux_loss_coef=0.5))
     ids = torch.randint(0, 61, (2, 10))
     out = model(ids, labels=ids)
     assert out.aux["aux_loss"] > 0
@@ -256,7 +256,8 @@ def test_balance_step_moves_the_bias_by_the_load_summed_over_ranks(balance):
     local load alone would give: a balance step that drops the reduced load is noticed."""
     rate, decay = 0.1, 0.9
     torch.manual_seed(0)
-    model = HybridLM(small(mlp_type="moe", moe_balance=balance, moe_bias_update_rate=rate,
+    model = HybridLM(small(mlp_pattern="E", moe_balance=balance, moe_aux_free_rate=rate,
+                           moe_ema_rate=rate,
                            moe_ema_decay=decay)).train()
     with torch.no_grad():
         for block in model.layers:
@@ -308,16 +309,18 @@ def test_preset_counts_are_the_documented_ones():
 
 @pytest.mark.parametrize("overrides, words", [
     (dict(mixer_pattern="AX"), ["mixer_pattern='AX'", "unknown letters ['X']"]),
-    (dict(mlp_type="moe", mlp_pattern="DQ"), ["mlp_pattern='DQ'", "['Q']"]),
+    (dict(mlp_pattern="DQ"), ["mlp_pattern='DQ'", "['Q']"]),
     (dict(mixer_pattern="AMM"), ["mixer_pattern='AMM'", "num_hidden_layers=2"]),
     (dict(mixer_pattern=""), ["mixer_pattern=''"]),
-    (dict(mlp_type="dense", mlp_pattern="DE"), ["mlp_pattern='DE'", "mlp_type='dense'"]),
-    (dict(mlp_type="moe", num_experts_per_layer=[4]), ["num_experts_per_layer=[4]"]),
-    (dict(mlp_type="moe", mlp_pattern="DE", num_experts_per_layer=[4, 4]),
+    (dict(mlp_type="dense"), ["mlp_type was removed", "mlp_pattern"]),
+    (dict(mlp_pattern="E", num_experts_per_layer=[4]), ["num_experts_per_layer=[4]"]),
+    (dict(mlp_pattern="DE", num_experts_per_layer=[4, 4]),
      ["num_experts_per_layer[0]=4", "dense"]),
-    (dict(mlp_type="moe", moe_top_k=5), ["moe_top_k=5", "(4)"]),
-    (dict(mlp_type="moe", moe_capacity_factor=0.0), ["moe_capacity_factor=0.0"]),
-    (dict(mlp_type="moe", moe_capacity_factor=-1.0), ["moe_capacity_factor=-1.0"]),
+    (dict(mlp_pattern="E", moe_top_k=5), ["moe_top_k=5", "the 4 experts"]),
+    (dict(mlp_pattern="E", moe_capacity_factor=0.0), ["moe_capacity_factor=0.0"]),
+    (dict(mlp_pattern="E", moe_capacity_factor=-1.0), ["moe_capacity_factor=-1.0"]),
+    (dict(moe_router="expert_choice", moe_capacity_factor=1.5),
+     ["moe_capacity_factor=1.5", "moe_ec_capacity_factor"]),
     (dict(moe_router="hash"), ["moe_router='hash'"]),
     (dict(moe_balance="magic"), ["moe_balance='magic'"]),
     (dict(mla_rope_dim=3), ["mla_rope_dim=3"]),
@@ -332,7 +335,7 @@ def test_bad_layout_and_moe_values(overrides, words):
 
 def _skewed_moe_model(balance: str) -> HybridLM:
     torch.manual_seed(0)
-    model = HybridLM(small(mlp_type="moe", moe_score="sigmoid", moe_top_k=1,
+    model = HybridLM(small(mlp_pattern="E", moe_score="sigmoid", moe_top_k=1,
                            moe_balance=balance)).train()  # default gamma 0.001
     with torch.no_grad():
         for block in model.layers:

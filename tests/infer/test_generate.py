@@ -25,7 +25,7 @@ def random_ids(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("overrides", [{}, {"pid_scaler": True, "mu_update": "ema"},
-                                       {"mlp_type": "dense", "mu_guidance": False}])
+                                       {"mlp_pattern": "D", "mu_guidance": False}])
 def test_cached_greedy_equals_step_by_step_full_forwards(make_history_model, overrides):
     model = make_history_model(**overrides)
     prompt = random_ids((2, 5))

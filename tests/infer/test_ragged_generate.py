@@ -9,7 +9,7 @@ STACKS = {
     "mla": dict(mixer_pattern="L"),
     "mla_absorbed": dict(mixer_pattern="L", mla_absorb=True),
     "mamba": dict(mixer_pattern="M"),
-    "mixed": dict(mixer_pattern="AMLM", num_hidden_layers=4, mlp_type="moe"),
+    "mixed": dict(mixer_pattern="AMLM", num_hidden_layers=4, mlp_pattern="E"),
 }
 LENGTHS = (3, 7, 1, 5)  # the longest not first, and a one-token prompt
 STEPS = 8

@@ -17,8 +17,8 @@ from hybridlm.train import TrainConfig, train
 WORKER = Path(__file__).with_name("train_worker.py")
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 128,
-         "max_position_embeddings": 64, "mixer_pattern": "AM", "mlp_type": "moe",
-         "moe_balance": "aux_free", "moe_bias_update_rate": 0.01, "mamba_d_state": 4}
+         "max_position_embeddings": 64, "mixer_pattern": "AM", "mlp_pattern": "E",
+         "moe_balance": "aux_free", "moe_aux_free_rate": 0.01, "mamba_d_state": 4}
 COMMON = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3",
           "--warmup-steps", "1", "--eval-every", "100", "--eval-batches", "1",
           "--checkpoint-every", "2", "--set", "progress=false"]
@@ -53,7 +53,7 @@ def saved_biases(run_dir) -> dict[str, torch.Tensor]:
 
 def assert_biases_equal(biases: dict, expected: dict[str, torch.Tensor]) -> None:
     """Equal to a tenth of one aux-free step (gamma): one step's sign flipped shows."""
-    gamma = SMALL["moe_bias_update_rate"]
+    gamma = SMALL["moe_aux_free_rate"]
     assert sorted(biases) == sorted(expected)
     for name, bias in biases.items():
         torch.testing.assert_close(torch.as_tensor(bias), expected[name], rtol=0,

@@ -17,8 +17,8 @@ from hybridlm.train.trainer import (
 )
 
 EXPERT_CHOICE = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 256,
-                 "max_position_embeddings": 128, "mlp_type": "moe",
-                 "moe_router": "expert_choice", "moe_capacity_factor": 1.0}
+                 "max_position_embeddings": 128, "mlp_pattern": "E",
+                 "moe_router": "expert_choice", "moe_ec_capacity_factor": 1.0}
 SEQ_LEN = 33
 
 

@@ -17,9 +17,10 @@ from hybridlm.layers import mamba as mamba_module
 WORKER = Path(__file__).with_name("fsdp_precision_worker.py")
 BASE = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=64, num_experts=4,
-            max_position_embeddings=64, mamba_d_state=4, mlp_type="moe")
+            max_position_embeddings=64, mamba_d_state=4, mlp_pattern="E")
 CONFIGS = [dict(BASE, mixer_pattern="AM", moe_router="topk"),
-           dict(BASE, mixer_pattern="MA", moe_router="expert_choice", moe_capacity_factor=1.0)]
+           dict(BASE, mixer_pattern="MA", moe_router="expert_choice",
+                moe_ec_capacity_factor=1.0)]
 # Parameters gathered in fp32; conv1d rides in Mamba's fp32 group (its forward reads the
 # weight directly) but is cast to the activations' dtype for the conv itself.
 FP32_SUFFIXES = ("router.gate.weight", "mixer.A_log", "mixer.D", "mixer.dt_proj.weight",
@@ -94,7 +95,7 @@ def test_a_bf16_policy_on_every_parameter_is_noticed(fsdp_records):
 def test_mamba_step_sizes_run_in_fp32_under_bf16_autocast(monkeypatch):
     """Without FSDP, autocast would run dt_proj in bf16; delta must be the fp32 product."""
     torch.manual_seed(0)
-    config = dict(BASE, mixer_pattern="M", mlp_type="dense", num_hidden_layers=1)
+    config = dict(BASE, mixer_pattern="M", mlp_pattern="D", num_hidden_layers=1)
     model = HybridLM(ModelConfig(**config))
     mixer = model.layers[0].mixer
     seen = {}

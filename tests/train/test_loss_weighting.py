@@ -23,7 +23,7 @@ SUPERVISED = (2, 13, 5, 1)
 def build_model(**overrides) -> HybridLM:
     fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                  num_experts=4, max_position_embeddings=32, mlp_type="dense")
+                  num_experts=4, max_position_embeddings=32, mlp_pattern="D")
     config = ModelConfig(**{**fields, **overrides})
     torch.manual_seed(0)
     return HybridLM(config).train()
@@ -100,7 +100,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch():
 def test_aux_losses_keep_their_per_micro_batch_weight():
     """MoE aux (balance) losses are per micro-batch statistics: the mean of them is added,
     while the next-token loss is the token mean of the whole batch."""
-    model = build_model(mlp_type="moe", moe_balance="aux_loss", moe_aux_loss_coef=0.5)
+    model = build_model(mlp_pattern="E", moe_balance="aux_loss", moe_aux_loss_coef=0.5)
     batch = build_batch()
     parts = one_row_micro_batches(batch)
     model.zero_grad()

@@ -75,7 +75,7 @@ def test_tiny_model_loss_falls_on_the_demo_corpus(prepared_dir, tmp_path):
     assert result.stopped == "finished" and result.skipped_steps == 0
     # the run directory is a complete model directory; the zipf table came from the counts
     model = HybridLM.from_pretrained(tmp_path / "run")
-    assert model.config.routing == "zipf" and model.config.vocab_size == data.vocab_size
+    assert model.config.tr_routing == "zipf" and model.config.vocab_size == data.vocab_size
     assert Tokenizer.from_file(tmp_path / "run").vocab_size == data.vocab_size
     expected = zipf_routing_table(torch.as_tensor(data.token_counts), 4)
     assert torch.equal(model.layers[0].mlp.router.table, expected)
@@ -108,7 +108,7 @@ RESUME = dict(steps=8, warmup_steps=2, checkpoint_every=4, eval_every=4)
 
 
 def test_resume_reproduces_the_uninterrupted_run(prepared_dir, tmp_path, monkeypatch):
-    kw = dict(RESUME, model={**SMALL, "mlp_type": "moe", "moe_balance": "aux_free"})
+    kw = dict(RESUME, model={**SMALL, "mlp_pattern": "E", "moe_balance": "aux_free"})
     train(run_config(prepared_dir, tmp_path / "straight", **kw))
     with monkeypatch.context() as patch:
         stop_after(patch, 4)
@@ -233,7 +233,7 @@ def test_bad_inputs_stop_before_anything_is_written(prepared_dir, tmp_path):
 
 def test_run_file_plus_overrides(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("data: d\nout: o\nsteps: 10\nmodel:\n  routing: zipf\n")
+    path.write_text("data: d\nout: o\nsteps: 10\nmodel:\n  tr_routing: zipf\n")
     cfg = load_train_config(path, {"lr": 0.01, "steps": None}, ["model.num_experts=2",
                                                                  "schedule=wsd"])
     assert (cfg.steps, cfg.lr, cfg.schedule) == (10, 0.01, "wsd")
