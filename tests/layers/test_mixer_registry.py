@@ -148,3 +148,61 @@ def test_parameter_names_stay_those_of_saved_models():
     mamba = {"in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight",
              "dt_proj.weight", "dt_proj.bias", "out_proj.weight", "A_log", "D"}
     assert names == {f"layers.{i}.mixer.{p}" for i, ps in enumerate((gqa, mla, mamba)) for p in ps}
+
+
+# --- what the trainer and the FSDP wrapper read from a mixer: its FLOPs and fp32 parts ---------
+class ToyAttention(CausalConvMixer):
+    """The toy conv declaring what an attention-like mixer would: non-parameter FLOPs of
+    scores over seq_len keys, and a part (its conv) kept in fp32 under FSDP."""
+
+    fp32_parameters = ("conv",)
+
+    def non_parameter_flops(self, seq_len: int) -> float:
+        return 7.0 * seq_len
+
+
+@pytest.fixture
+def toy_attention():
+    register_mixer("Y", ToyAttention, "toy attention-like mixer")
+    yield ToyAttention
+    unregister_mixer("Y")
+
+
+def test_training_flops_add_what_each_mixer_reports(toy_attention):
+    from hybridlm.train.trainer import _flops_per_token
+
+    config = tiny_config(mixer_pattern="ALMY", num_hidden_layers=4, mlp_pattern="D",
+                         mla_kv_rank=16, mla_rope_dim=4, mamba_d_state=4)
+    with torch.device("meta"):
+        model = HybridLM(config)
+    h, heads, seq = config.hidden_size, config.num_attention_heads, 128
+    attention = 12 * h * seq  # scores and weighted sum, forward and backward
+    mla = 6 * heads * (2 * config.head_dim + config.mla_rope_dim) * seq
+    toy, mamba = 7.0 * seq, 0  # Mamba reports nothing: its scan is linear and small
+    assert _flops_per_token(model, seq) == (
+        6 * model.num_parameters(active=True) + attention + mla + toy + mamba)
+
+
+def test_fsdp_keeps_what_a_mixer_lists_in_fp32(toy_attention, monkeypatch):
+    """shard_fsdp, with fully_shard recorded instead of run: a mixer's listed parts go in its
+    fp32 group, each other child with parameters first gets a low-precision group."""
+    import torch.distributed.fsdp as fsdp
+
+    from hybridlm.parallel.data_parallel import shard_fsdp
+
+    groups = []
+    monkeypatch.setattr(fsdp, "fully_shard",
+                        lambda module, mp_policy: groups.append((module, mp_policy.param_dtype)))
+    model = HybridLM(tiny_config(mixer_pattern="YM", num_hidden_layers=2, mlp_pattern="E",
+                                 mamba_d_state=4))
+    shard_fsdp(model, torch.bfloat16)
+    dtype = {id(module): dt for module, dt in groups}
+    toy, mamba = model.layers[0].mixer, model.layers[1].mixer
+    assert dtype[id(toy)] == torch.float32 and dtype[id(toy.out_proj)] == torch.bfloat16
+    assert id(toy.conv) not in dtype  # rides in the mixer's fp32 group
+    assert dtype[id(mamba)] == torch.float32
+    assert [dtype.get(id(getattr(mamba, n))) for n in ("in_proj", "x_proj", "out_proj")] == [
+        torch.bfloat16] * 3
+    assert all(id(getattr(mamba, n)) not in dtype for n in ("conv1d", "dt_proj"))
+    assert dtype[id(model.layers[0].mlp.router)] == torch.float32  # the learned gate
+    assert dtype[id(model.layers[0])] == torch.bfloat16 and dtype[id(model)] == torch.bfloat16
