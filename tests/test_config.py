@@ -59,8 +59,6 @@ def test_1_5b_preset_matches_table_3():
         (dict(num_key_value_heads=5), ["num_key_value_heads=5", "num_attention_heads=12"]),
         (dict(num_experts=0), ["num_experts=0", ">= 1"]),
         (dict(mlp_pattern="S"), ["mlp_pattern='S'", "unknown letters ['S']", "'T'"]),
-        (dict(mlp_type="moe"), ["mlp_type was removed", "mlp_pattern"]),
-        (dict(routing="zipf"), ["routing was renamed to tr_routing"]),
         (dict(tr_routing="hash"), ["tr_routing", "'hash'", "zipf"]),
         (dict(num_experts=3), ["num_experts=3", "intermediate_size=2048"]),
         (dict(vocab_size=0), ["vocab_size=0"]),

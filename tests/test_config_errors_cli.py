@@ -64,10 +64,6 @@ SET_CASES = {  # argv after `train --data D --out RUN` -> words of the one-line 
                                ["mixer_pattern='AX'", "unknown letters ['X']"]),
     "model.mlp_pattern=DS": (["--set", "model.mlp_pattern=DS"],
                              ["mlp_pattern='DS'", "unknown letters ['S']"]),
-    "model.mlp_type=moe": (["--set", "model.mlp_type=moe"],
-                           ["mlp_type was removed", "mlp_pattern"]),
-    "model.routing=zipf": (["--set", "model.routing=zipf"],
-                           ["routing was renamed to tr_routing"]),
 }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_errors import assert_one_line_error
 from hybridlm import ConfigError, HybridLM, ModelConfig
 from hybridlm.config_legacy import RENAMED, upgrade
 from hybridlm.train import TrainConfig, load_train_config
@@ -145,3 +146,11 @@ def test_old_names_are_refused_everywhere_but_saved_directories(old, words, tmp_
         with pytest.raises(ConfigError) as refused:
             attempt()
         assert words in str(refused.value)
+
+
+def test_the_command_line_names_the_new_field(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert_one_line_error(["train", "--data", tmp_path / "no-data", "--out", run, "--set",
+                           "model.routing=zipf"], "routing was renamed to tr_routing",
+                          capsys=capsys)
+    assert not run.exists()

@@ -312,7 +312,6 @@ def test_preset_counts_are_the_documented_ones():
     (dict(mlp_pattern="DQ"), ["mlp_pattern='DQ'", "['Q']"]),
     (dict(mixer_pattern="AMM"), ["mixer_pattern='AMM'", "num_hidden_layers=2"]),
     (dict(mixer_pattern=""), ["mixer_pattern=''"]),
-    (dict(mlp_type="dense"), ["mlp_type was removed", "mlp_pattern"]),
     (dict(mlp_pattern="E", num_experts_per_layer=[4]), ["num_experts_per_layer=[4]"]),
     (dict(mlp_pattern="DE", num_experts_per_layer=[4, 4]),
      ["num_experts_per_layer[0]=4", "dense"]),
