@@ -18,8 +18,6 @@ config is made).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
 
 from hybridlm.config import ModelConfig
@@ -27,8 +25,6 @@ from hybridlm.layers.mlp import DenseMLP
 from hybridlm.layers.moe import MoEMLP
 from hybridlm.layers.token_routed import TokenRoutedMLP
 from hybridlm.registry import mlp_entry, register_mlp
-
-MlpBuilder = Callable[[ModelConfig, int], nn.Module]
 
 
 def build_dense(config: ModelConfig, layer: int) -> nn.Module:
