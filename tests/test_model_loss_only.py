@@ -30,7 +30,7 @@ def loss_and_grads(model, **kwargs):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_loss_only_equals_the_default_loss_and_gradients(make_model, weighted):
     model = make_model(tie_word_embeddings=True)
-    ids, labels, segment_ids = packed_batch()
+    _, labels, segment_ids = packed_batch()
     extra = {"num_items_in_batch": count_targets(labels, segment_ids) + 3} if weighted else {}
     default, want = loss_and_grads(model, **extra)
     fused, got = loss_and_grads(model, return_logits=False, **extra)
