@@ -79,10 +79,42 @@ def attention_alone(heads: int = 32, rank: int = 512, rope: int = 64):
     return lambda: ops.attention(q, k, k[..., :rank], scale=0.07), kv.numel() * 2
 
 
+def kernel_sweep(copy: float) -> list[dict]:
+    """The decode kernel alone at the attention's shape, over its tile and grid sizes."""
+    try:
+        from hybridlm.ops.latent_decode import single_head_decode
+    except ImportError:  # a version of the code without the kernel
+        return []
+    kv = torch.randn(BATCH, CACHED, 576, device=DEVICE, dtype=torch.bfloat16)
+    q = torch.randn(BATCH, 32, 576, device=DEVICE, dtype=torch.bfloat16)
+    rows = []
+    for block_keys in (16, 32, 64):
+        for num_warps in (4, 8):
+            for programs_per_sm in (1, 2, 4):
+                def step(b=block_keys, w=num_warps, p=programs_per_sm):
+                    return single_head_decode(q, kv, kv[..., :512], 0.07, block_keys=b,
+                                              num_warps=w, programs_per_sm=p)
+
+                try:
+                    ms = median_ms(step, repeats=30)
+                except Exception as err:  # a tile too large for shared memory, say
+                    rows.append({"name": f"kernel {block_keys}/{num_warps}/{programs_per_sm}",
+                                 "error": repr(err)[:120]})
+                    continue
+                gbps = kv.numel() * 2 / ms / 1e6
+                rows.append({"name": f"kernel keys={block_keys} warps={num_warps} "
+                             f"programs/SM={programs_per_sm}", "ms": ms,
+                             "read_gb": kv.numel() * 2 / 1e9, "gbps": gbps,
+                             "pct_of_copy": 100 * gbps / copy})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="mla_decode.json")
     parser.add_argument("--label", default="", help="names this code version in the table")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the decode kernel alone over its tile and grid sizes")
     args = parser.parse_args()
     copy = copy_gbps()
     rows = []
@@ -101,13 +133,18 @@ def main() -> None:
         gbps = read / ms / 1e6
         rows.append({"name": f"{args.label} attention op alone, {impl}".strip(), "ms": ms,
                      "read_gb": read / 1e9, "gbps": gbps, "pct_of_copy": 100 * gbps / copy})
+    if args.sweep:
+        rows += kernel_sweep(copy)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "copy_gbps": copy}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(meta)
     for row in rows:
-        print(f"{row['name']:<32} {row['ms']:8.3f} ms  {row['gbps']:7.0f} GB/s  "
+        if "error" in row:
+            print(f"{row['name']:<44} {row['error']}")
+            continue
+        print(f"{row['name']:<44} {row['ms']:8.3f} ms  {row['gbps']:7.0f} GB/s  "
               f"{row['pct_of_copy']:5.1f}% of copy")
 
 

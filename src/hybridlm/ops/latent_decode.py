@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_KEYS = 32
+BLOCK_KEYS = 32  # keys per tile
+NUM_WARPS = 8
+PROGRAMS_PER_SM = 2  # the grid's size: programs over all rows and splits, per multiprocessor
 
 
 @triton.jit
@@ -67,19 +69,24 @@ def _partial_decode_kernel(
 
 
 def single_head_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       scale: float | None = None) -> torch.Tensor:
+                       scale: float | None = None, *, block_keys: int = BLOCK_KEYS,
+                       num_warps: int = NUM_WARPS, programs_per_sm: int = PROGRAMS_PER_SM
+                       ) -> torch.Tensor:
     """Softmax attention of q (B, Q, Dk) over every key of k (B, S, Dk), values
     v = k[..., :Dv] (B, S, Dv, a view of k) -> (B, Q, Dv) in q's dtype. No mask: each query
-    sees all S keys (a decode step). scale: None = 1 / sqrt(Dk)."""
+    sees all S keys (a decode step). scale: None = 1 / sqrt(Dk). The keyword arguments are
+    the kernel's tile and grid sizes (the defaults are the fastest measured; see
+    bench/mla_decode.py)."""
     batch, num_queries, dk = q.shape
     num_keys, dv = k.shape[1], v.shape[-1]
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("single_head_decode needs the last dimension of q and k contiguous")
     scale = 1.0 / math.sqrt(dk) if scale is None else scale
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    # About two programs per multiprocessor in all, each over whole key tiles.
-    splits = max(1, min(triton.cdiv(2 * sms, batch), triton.cdiv(num_keys, BLOCK_KEYS)))
-    keys_per_split = triton.cdiv(triton.cdiv(num_keys, splits), BLOCK_KEYS) * BLOCK_KEYS
+    # programs_per_sm programs per multiprocessor in all, each over whole key tiles.
+    splits = max(1, min(triton.cdiv(programs_per_sm * sms, batch),
+                        triton.cdiv(num_keys, block_keys)))
+    keys_per_split = triton.cdiv(triton.cdiv(num_keys, splits), block_keys) * block_keys
     splits = triton.cdiv(num_keys, keys_per_split)  # every split holds at least one key
     partial = torch.empty(batch, splits, num_queries, dv, device=q.device, dtype=torch.float32)
     lse = torch.empty(batch, splits, num_queries, device=q.device, dtype=torch.float32)
@@ -88,9 +95,8 @@ def single_head_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, partial, lse, num_queries, num_keys, keys_per_split, scale * math.log2(math.e),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
-        BLOCK_Q=block_q, BLOCK_S=BLOCK_KEYS, DV=dv, DR=dk - dv, num_warps=8,
+        BLOCK_Q=block_q, BLOCK_S=block_keys, DV=dv, DR=dk - dv, num_warps=num_warps,
     )
     # Merge the splits: weight each partial output by its share of the total softmax mass.
     weights = torch.softmax(lse * math.log(2.0), dim=1)  # (B, P, Q)
-    out = (partial * weights[..., None]).sum(dim=1)  # (B, Q, Dv)
-    return out.to(q.dtype)
+    return torch.einsum("bpq,bpqd->bqd", weights, partial).to(q.dtype)  # (B, Q, Dv)
