@@ -70,6 +70,17 @@ def decode_step(absorb: bool):
     return step, read
 
 
+def gpu_busy_ms(step, steps: int = 10) -> float:
+    """The GPU's kernel time per step (torch.profiler), without the host's launch gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1e3
+
+
 def attention_alone(heads: int = 32, rank: int = 512, rope: int = 64):
     """The absorbed step's attention alone: nh queries against the one latent head, the value
     a view of the key (as `MultiHeadLatentAttention._attend_absorbed` calls it)."""
@@ -88,24 +99,23 @@ def kernel_sweep(copy: float) -> list[dict]:
     kv = torch.randn(BATCH, CACHED, 576, device=DEVICE, dtype=torch.bfloat16)
     q = torch.randn(BATCH, 32, 576, device=DEVICE, dtype=torch.bfloat16)
     rows = []
-    for block_keys in (16, 32, 64):
-        for num_warps in (4, 8):
-            for programs_per_sm in (1, 2, 4):
-                def step(b=block_keys, w=num_warps, p=programs_per_sm):
-                    return single_head_decode(q, kv, kv[..., :512], 0.07, block_keys=b,
-                                              num_warps=w, programs_per_sm=p)
+    configs = [(keys, warps, stages, programs) for keys in (32, 64) for warps in (4, 8)
+               for stages in (2, 3, 4) for programs in (1, 2)]
+    for keys, warps, stages, programs in configs:
+        name = f"kernel keys={keys} warps={warps} stages={stages} programs/SM={programs}"
 
-                try:
-                    ms = median_ms(step, repeats=30)
-                except Exception as err:  # a tile too large for shared memory, say
-                    rows.append({"name": f"kernel {block_keys}/{num_warps}/{programs_per_sm}",
-                                 "error": repr(err)[:120]})
-                    continue
-                gbps = kv.numel() * 2 / ms / 1e6
-                rows.append({"name": f"kernel keys={block_keys} warps={num_warps} "
-                             f"programs/SM={programs_per_sm}", "ms": ms,
-                             "read_gb": kv.numel() * 2 / 1e9, "gbps": gbps,
-                             "pct_of_copy": 100 * gbps / copy})
+        def step(b=keys, w=warps, s=stages, p=programs):
+            return single_head_decode(q, kv, kv[..., :512], 0.07, block_keys=b, num_warps=w,
+                                      num_stages=s, programs_per_sm=p)
+
+        try:
+            ms = median_ms(step, repeats=30)
+        except Exception as err:  # a tile too large for shared memory, say
+            rows.append({"name": name, "error": repr(err)[:100]})
+            continue
+        gbps = kv.numel() * 2 / ms / 1e6
+        rows.append({"name": name, "ms": ms, "read_gb": kv.numel() * 2 / 1e9, "gbps": gbps,
+                     "pct_of_copy": 100 * gbps / copy})
     return rows
 
 
@@ -122,10 +132,10 @@ def main() -> None:
                                "reference"), ("plain", False, "auto")):
         step, read = decode_step(absorb)
         with ops.use_impl(impl):
-            ms = median_ms(step)
+            ms, busy = median_ms(step), gpu_busy_ms(step)
         gbps = read / ms / 1e6
         rows.append({"name": f"{args.label} {name}".strip(), "ms": ms, "read_gb": read / 1e9,
-                     "gbps": gbps, "pct_of_copy": 100 * gbps / copy})
+                     "gbps": gbps, "pct_of_copy": 100 * gbps / copy, "gpu_busy_ms": busy})
     for impl in ("auto", "reference"):
         step, read = attention_alone()
         with ops.use_impl(impl):
@@ -142,10 +152,11 @@ def main() -> None:
     print(meta)
     for row in rows:
         if "error" in row:
-            print(f"{row['name']:<44} {row['error']}")
+            print(f"{row['name']:<52} {row['error']}")
             continue
-        print(f"{row['name']:<44} {row['ms']:8.3f} ms  {row['gbps']:7.0f} GB/s  "
-              f"{row['pct_of_copy']:5.1f}% of copy")
+        busy = f"  (GPU busy {row['gpu_busy_ms']:.3f} ms)" if "gpu_busy_ms" in row else ""
+        print(f"{row['name']:<52} {row['ms']:8.3f} ms  {row['gbps']:7.0f} GB/s  "
+              f"{row['pct_of_copy']:5.1f}% of copy{busy}")
 
 
 if __name__ == "__main__":

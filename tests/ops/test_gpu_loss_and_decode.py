@@ -41,6 +41,26 @@ def test_fused_loss_matches_the_reference_on_gpu(autocast, rows, chunk):
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_fused_loss_takes_the_triton_kernel_and_handles_no_targets(monkeypatch):
+    from hybridlm.ops import cross_entropy_kernel
+
+    calls = []
+    kernel = cross_entropy_kernel.cross_entropy_grad_
+    monkeypatch.setattr(cross_entropy_kernel, "cross_entropy_grad_",
+                        lambda *args: calls.append(1) or kernel(*args))
+    hidden = torch.randn(100, 64, device="cuda", requires_grad=True)
+    weight = torch.randn(300, 64, device="cuda", requires_grad=True)
+    targets = torch.full((100,), -100, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        total = linear_cross_entropy(hidden, weight, targets, reduction="sum", chunk_size=30)
+        mean = linear_cross_entropy(hidden.detach(), weight.detach(), targets)
+    total.backward()
+    assert len(calls) == 4  # chunks of 30, 30, 30, 10 rows
+    assert float(total.detach()) == 0.0 and torch.isnan(mean)
+    assert not hidden.grad.any() and not weight.grad.any()
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
 @pytest.mark.parametrize("batch, heads, keys", [(1, 16, 1), (3, 7, 100), (8, 32, 4133)])
 def test_latent_decode_kernel_matches_sdpa(batch, heads, keys):
     from hybridlm.ops.latent_decode import single_head_decode

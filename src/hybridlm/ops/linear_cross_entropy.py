@@ -17,12 +17,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybridlm.ops.dispatch import current_impl
+from hybridlm.ops.dispatch import current_impl, fast_path_enabled, triton_available
 
 REDUCTIONS = ("mean", "sum")
-# Default chunk: about 2**25 logits (128 MB in fp32). Large enough that each chunk's matrix
-# products keep a GPU busy, small enough that the chunk is a fraction of a real batch's logits.
-CHUNK_LOGITS = 2**25
+# Default chunk, in logits: on a GPU large enough that each chunk's matrix products keep it
+# busy (2**26: 2,097 rows of a 32,000-word vocabulary, 128 MB in bf16); on a CPU small enough
+# that a chunk stays in cache (2**22: 512 rows of 8,192 words, 16 MB in fp32). Measured with
+# bench/lm_loss.py.
+CHUNK_LOGITS_CUDA = 2**26
+CHUNK_LOGITS_CPU = 2**22
 
 
 def linear_cross_entropy(
@@ -41,13 +44,16 @@ def linear_cross_entropy(
     F.cross_entropy) or their sum ("sum"). Logits are computed in the autocast dtype when
     autocast is on (else in the inputs' dtype) and their log-sum-exp in fp32, as
     `F.cross_entropy(F.linear(hidden, weight).float(), targets)` does. chunk_size: rows per
-    chunk (None: about 2**25 logits a chunk). `ops.use_impl("reference")` takes the twin."""
+    chunk (None: about 2**26 logits a chunk on a GPU, 2**22 on a CPU). On a GPU with Triton
+    each chunk's loss and logits gradient take one kernel (`cross_entropy_kernel`).
+    `ops.use_impl("reference")` takes the twin."""
     _check(hidden, weight, targets, reduction, chunk_size)
     if current_impl() == "reference":
         return linear_cross_entropy_reference(
             hidden, weight, targets, ignore_index=ignore_index, reduction=reduction
         )
-    rows = chunk_size or max(1, CHUNK_LOGITS // weight.shape[0])
+    logits_per_chunk = CHUNK_LOGITS_CUDA if hidden.is_cuda else CHUNK_LOGITS_CPU
+    rows = chunk_size or max(1, logits_per_chunk // weight.shape[0])
     compute_dtype = _compute_dtype(hidden, weight)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if not needs_grad:
@@ -55,8 +61,9 @@ def linear_cross_entropy(
             total, count = _chunked_loss(hidden, weight, targets, ignore_index, rows,
                                          compute_dtype)
         return total if reduction == "sum" else total / count
+    use_kernel = fast_path_enabled(hidden) and triton_available()
     return _FusedLinearCrossEntropy.apply(
-        hidden, weight, targets, ignore_index, reduction, rows, compute_dtype
+        hidden, weight, targets, ignore_index, reduction, rows, compute_dtype, use_kernel
     )
 
 
@@ -123,22 +130,40 @@ def _chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 def _chunk_step(h_chunk: torch.Tensor, weight_c: torch.Tensor, t_chunk: torch.Tensor,
                 ignore_index: int, grad_h: torch.Tensor | None, grad_w: torch.Tensor | None,
-                start: int) -> torch.Tensor:
+                start: int, use_kernel: bool) -> torch.Tensor:
     """One chunk of the fused pass: its summed loss (); writes its rows of grad_h (N, H) and
     adds its share to grad_w (V, H), both unscaled. Its (C, V) logits die on return."""
-    logits, lse, loss = _chunk_logits(h_chunk, weight_c, t_chunk, ignore_index)
-    # d(loss)/d(logits) = softmax - onehot on rows with a target, 0 on ignored rows; built
-    # in place over the logits.
-    grad = logits.sub_(lse[:, None]).exp_()  # (C, V) softmax
-    valid = t_chunk != ignore_index  # (C,)
-    grad.scatter_add_(1, torch.where(valid, t_chunk, 0)[:, None],
-                      torch.full_like(lse, -1.0)[:, None])
-    grad = grad.mul_(valid[:, None]).to(weight_c.dtype)  # (C, V) in the compute dtype
+    if use_kernel:  # one Triton pass, in place over the logits in the compute dtype
+        from hybridlm.ops.cross_entropy_kernel import cross_entropy_grad_
+
+        grad = h_chunk @ weight_c.T  # (C, V)
+        loss = cross_entropy_grad_(grad, t_chunk, ignore_index).sum()
+    else:
+        logits, lse, loss = _chunk_logits(h_chunk, weight_c, t_chunk, ignore_index)
+        # d(loss)/d(logits) = softmax - onehot on rows with a target, 0 on ignored rows;
+        # built in place over the fp32 logits.
+        grad = logits.sub_(lse[:, None]).exp_()  # (C, V) softmax
+        valid = t_chunk != ignore_index  # (C,)
+        grad.scatter_add_(1, torch.where(valid, t_chunk, 0)[:, None],
+                          torch.full_like(lse, -1.0)[:, None])
+        grad = grad.mul_(valid[:, None]).to(weight_c.dtype)  # (C, V) in the compute dtype
     if grad_h is not None:
         torch.mm(grad, weight_c, out=grad_h[start:start + h_chunk.shape[0]])  # (C, H)
     if grad_w is not None:
-        grad_w.add_(grad.T @ h_chunk)  # (V, H)
+        _add_product_(grad_w, grad.T, h_chunk)  # (V, H)
     return loss
+
+
+def _add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b. A CUDA product of half-precision inputs writes fp32 straight into
+    acc; elsewhere the product is rounded to the inputs' dtype first (CPU torch has no
+    mixed-dtype product)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(a @ b)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -146,8 +171,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                ignore_index: int, reduction: str, rows: int, compute_dtype: torch.dtype
-                ) -> torch.Tensor:
+                ignore_index: int, reduction: str, rows: int, compute_dtype: torch.dtype,
+                use_kernel: bool) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):
             h_c, w_c = hidden.to(compute_dtype), weight.to(compute_dtype)  # (N, H), (V, H)
             grad_h = torch.empty_like(h_c) if ctx.needs_input_grad[0] else None  # (N, H)
@@ -158,7 +183,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], rows):
                 stop = min(start + rows, hidden.shape[0])
                 total = total + _chunk_step(h_c[start:stop], w_c, targets[start:stop],
-                                            ignore_index, grad_h, grad_w, start)
+                                            ignore_index, grad_h, grad_w, start, use_kernel)
             count = (targets != ignore_index).sum()
             # mean divides the sum, and so every gradient, by the number of targets
             scale = torch.ones((), device=hidden.device) if reduction == "sum" else 1.0 / count
@@ -173,4 +198,4 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.input_dtypes
         d_hidden = (grad_h * factor).to(hidden_dtype) if grad_h is not None else None
         d_weight = (grad_w * factor).to(weight_dtype) if grad_w is not None else None
-        return d_hidden, d_weight, None, None, None, None, None
+        return d_hidden, d_weight, None, None, None, None, None, None
