@@ -93,6 +93,17 @@ def _returns_only_new_entries(append: Callable) -> Callable:
     return forgetful
 
 
+def _returns_only_new_latents(append: Callable) -> Callable:
+    """The MLA cache's `append` made forgetful: it hands back only the [c_kv | k_rope] rows
+    just written (B, T, r+dr), not the history before them."""
+
+    def forgetful(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+        append(self, c_kv, k_rope)
+        return torch.cat([c_kv, k_rope], dim=-1)
+
+    return forgetful
+
+
 def _drops_mamba_state(field: str) -> Callable:
     """Mamba.forward that zeroes the cache's `field` (conv_state or ssm_state) before each call."""
     forward = Mamba.forward
@@ -149,7 +160,7 @@ def _padding_enters_mamba_conv() -> Callable:
 # name -> (class, attribute, replacement): the ways a cache can lose the history.
 CACHE_BREAKAGES: dict[str, tuple[object, str, Callable[[], Callable]]] = {
     "kv_cache_forgets": (KVCache, "append", lambda: _returns_only_new_entries(KVCache.append)),
-    "mla_cache_forgets": (MLACache, "append", lambda: _returns_only_new_entries(MLACache.append)),
+    "mla_cache_forgets": (MLACache, "append", lambda: _returns_only_new_latents(MLACache.append)),
     "mamba_ssm_state_dropped": (Mamba, "forward", lambda: _drops_mamba_state("ssm_state")),
     "mamba_conv_state_dropped": (Mamba, "forward", lambda: _drops_mamba_state("conv_state")),
     "positions_restart_at_0": (Block, "forward", _restarts_positions),

@@ -28,11 +28,12 @@ from hybridlm.layers.moe import causal_routing
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import segment_positions, segment_starts
 from hybridlm.layers.routing import ExpertMLP, LoadBalanced, TokenTableRouted
+from hybridlm.ops import linear_cross_entropy
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when the forward was asked for the loss only
     loss: torch.Tensor | None = None  # scalar mean next-token cross-entropy (+ aux losses)
     aux: dict[str, Any] = field(default_factory=dict)  # router stats per layer, mu norms
     lm_loss: torch.Tensor | None = None  # scalar: the next-token term of `loss` (with grad)
@@ -127,6 +128,7 @@ class HybridLM(nn.Module):
         segment_ids: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         input_lengths: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """input_ids (B, T) long in [0, V); labels (B, T) aligned with input_ids (shifted
         inside, as in HF transformers; -100 = ignore). With `cache`, input_ids continue the
@@ -147,7 +149,14 @@ class HybridLM(nn.Module):
         num_items_in_batch (as in HF transformers): the next-token loss is the sum of the
         token losses divided by it instead of their mean, so micro-batches with different
         numbers of targets add up to the token mean of the whole batch when it is the batch's
-        target count (`count_targets`). Aux losses are added unscaled either way."""
+        target count (`count_targets`). Aux losses are added unscaled either way.
+
+        return_logits=False (with labels; the trainer passes it): the output's logits are None
+        and the loss goes through `ops.linear_cross_entropy`, which runs the LM head in
+        chunks of tokens, so the (B, T, V) logits never exist, in the forward or the backward.
+        The loss equals the default's to rounding."""
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False asks for the loss alone, so it needs labels")
         self._check_inputs(input_ids, cache, segment_ids, input_lengths)
         seq = input_ids.shape[1]
         start = cache.lengths if cache is not None else None  # (B,)
@@ -173,12 +182,14 @@ class HybridLM(nn.Module):
                     mu_norms.append(mu.detach().float().pow(2).mean().sqrt())
         if cache is not None:
             cache.lengths = advanced(start, seq, input_lengths)
-        logits = self.lm_head(self.norm(h))  # (B, T, V)
+        h = self.norm(h)  # (B, T, H)
+        logits = self.lm_head(h) if return_logits else None  # (B, T, V)
         aux = _collect_aux(stats_per_layer)
         aux["mu_norms"] = mu_norms
         if labels is None:
             return ModelOutput(logits=logits, aux=aux)
-        lm_loss = next_token_loss(logits, labels, segment_ids, num_items_in_batch)
+        lm_loss = next_token_loss(logits, labels, segment_ids, num_items_in_batch,
+                                  hidden=h, head_weight=self.lm_head.weight)
         aux["lm_loss"] = lm_loss.detach()
         loss = lm_loss + aux["aux_loss"] if "aux_loss" in aux else lm_loss
         return ModelOutput(logits=logits, loss=loss, aux=aux, lm_loss=lm_loss)
@@ -430,18 +441,23 @@ def next_token_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = 
 
 
 def next_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, segment_ids: torch.Tensor | None = None,
-    num_items_in_batch: torch.Tensor | int | None = None,
+    logits: torch.Tensor | None, labels: torch.Tensor, segment_ids: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None, *,
+    hidden: torch.Tensor | None = None, head_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits (B, T, V), labels (B, T) -> () float32 next-token cross-entropy: the mean over
-    the targets, or their sum divided by num_items_in_batch (see HybridLM.forward)."""
-    targets = next_token_targets(labels, segment_ids)  # (B, T-1)
-    loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        targets.reshape(-1),
-        ignore_index=-100,
-        reduction="mean" if num_items_in_batch is None else "sum",
-    )
+    """labels (B, T) -> () float32 next-token cross-entropy: the mean over the targets, or
+    their sum divided by num_items_in_batch (see HybridLM.forward). From logits (B, T, V), or,
+    when logits is None, from hidden (B, T, H) and head_weight (V, H) through the fused chunked
+    head, which never holds the (B, T, V) logits."""
+    targets = next_token_targets(labels, segment_ids).reshape(-1)  # (B*(T-1),)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    if logits is not None:
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets,
+                               ignore_index=-100, reduction=reduction)
+    else:
+        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
+        loss = linear_cross_entropy(flat, head_weight, targets, ignore_index=-100,
+                                    reduction=reduction)
     return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 

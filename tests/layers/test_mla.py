@@ -78,7 +78,7 @@ def test_absorbed_attention_equals_plain_and_explicit_scores(offset, t):
         # queries are the last t tokens; keys are everything cached so far (S = offset + t)
         q_nope, q_rope = q_nope[:, :, offset:], q_rope[:, :, offset:]
         plain = mla._attend(q_nope, q_rope, c_kv, k_rope)
-        absorbed = mla._attend_absorbed(q_nope, q_rope, c_kv, k_rope)
+        absorbed = mla._attend_absorbed(q_nope, q_rope, torch.cat([c_kv, k_rope], dim=-1))
         expected = reference(mla, q_nope, q_rope, c_kv, k_rope)
     assert absorbed.shape == (2, NH, t, D)
     torch.testing.assert_close(absorbed, plain, atol=1e-5, rtol=1e-5)
@@ -103,10 +103,12 @@ def test_cache_holds_only_latent_and_rope_key(dtype):
     cache = mla.new_cache(3, 10, torch.device("cpu"), dtype)
     assert cache.nbytes() == 3 * 10 * (R + DR) * torch.empty(0, dtype=dtype).element_size()
     bookkeeping = {"lengths", "input_lengths"}  # (B,) tokens per row; not per token
-    assert {f.name for f in dataclasses.fields(MLACache)} == {"c_kv", "k_rope"} | bookkeeping
+    assert {f.name for f in dataclasses.fields(MLACache)} == {"kv", "kv_rank"} | bookkeeping
     tensors = {k: v.shape for k, v in vars(cache).items()
                if isinstance(v, torch.Tensor) and k not in bookkeeping}
-    assert tensors == {"c_kv": (3, 10, R), "k_rope": (3, 10, DR)}
+    assert tensors == {"kv": (3, 10, R + DR)}  # [latent | rope key] per token, nothing else
+    assert cache.c_kv.shape == (3, 10, R) and cache.k_rope.shape == (3, 10, DR)
+    assert cache.c_kv.data_ptr() == cache.kv.data_ptr()  # views, not copies
     assert cache.lengths.shape == (3,)
     with torch.no_grad():
         out = mla(torch.randn(3, 4, 32, dtype=dtype), positions=torch.arange(4), cache=cache)

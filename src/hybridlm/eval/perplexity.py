@@ -26,7 +26,7 @@ def evaluate(model, tokens, seq_len: int, batch_size: int, max_batches: int,
         for window in iter_eval_windows(tokens, seq_len - 1, batch_size, max_batches):
             window = window.to(device)
             with autocast:
-                loss = model(window, labels=window).aux["lm_loss"]
+                loss = model(window, labels=window, return_logits=False).aux["lm_loss"]
             n = window.shape[0] * (window.shape[1] - 1)
             total += loss.item() * n
             count += n

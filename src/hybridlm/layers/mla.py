@@ -40,28 +40,36 @@ class MLACache(RowLengths):
     in slot p (see layers/cache_rows.py).
 
     Holds only what MLA needs to rebuild attention: the normalised latent and the already
-    rotated shared RoPE key. No per-head keys or values.
+    rotated shared RoPE key, side by side in one buffer, [c_kv | k_rope] per token. No
+    per-head keys or values. One buffer because absorbed decoding attends with the latent
+    as the single key/value head: the key is the whole row (r + dr) and the value its first
+    r numbers, both views of the same memory, so one pass over the cache serves both.
     """
 
-    c_kv: torch.Tensor  # (B, max_len, r)
-    k_rope: torch.Tensor  # (B, max_len, dr)
+    kv: torch.Tensor  # (B, max_len, r+dr): c_kv then k_rope
+    kv_rank: int = 0  # r: the latent's width in `kv`
 
     def _rows(self) -> torch.Tensor:
-        return self.c_kv
+        return self.kv
 
-    def append(
-        self, c_kv: torch.Tensor, k_rope: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def c_kv(self) -> torch.Tensor:
+        return self.kv[..., :self.kv_rank]  # (B, max_len, r)
+
+    @property
+    def k_rope(self) -> torch.Tensor:
+        return self.kv[..., self.kv_rank:]  # (B, max_len, dr)
+
+    def append(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
         """Write c_kv (B, T, r) / k_rope (B, T, dr) at each row's next slots; return every slot
-        in use (B, S, .). Rows advance by `input_lengths` (default T)."""
-        end = write_rows(self.c_kv, c_kv, self.lengths, 1, "MLA cache")
-        write_rows(self.k_rope, k_rope, self.lengths, 1, "MLA cache")
+        in use (B, S, r+dr). Rows advance by `input_lengths` (default T)."""
+        end = write_rows(self.kv, torch.cat([c_kv, k_rope], dim=-1), self.lengths, 1,
+                         "MLA cache")
         self.lengths = advanced(self.lengths, c_kv.shape[1], self.input_lengths)
-        return self.c_kv[:, :end], self.k_rope[:, :end]
+        return self.kv[:, :end]
 
     def nbytes(self) -> int:
-        return (self.c_kv.numel() * self.c_kv.element_size()
-                + self.k_rope.numel() * self.k_rope.element_size())
+        return self.kv.numel() * self.kv.element_size()
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -105,10 +113,9 @@ class MultiHeadLatentAttention(nn.Module):
     def new_cache(
         self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
     ) -> MLACache:
-        return MLACache(
-            torch.zeros(batch, max_len, self.kv_rank, device=device, dtype=dtype),
-            torch.zeros(batch, max_len, self.rope_dim, device=device, dtype=dtype),
-        )
+        width = self.kv_rank + self.rope_dim
+        return MLACache(torch.zeros(batch, max_len, width, device=device, dtype=dtype),
+                        self.kv_rank)
 
     def forward(
         self,
@@ -130,15 +137,19 @@ class MultiHeadLatentAttention(nn.Module):
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed rows) cannot be used with a cache")
         q_nope, q_rope, c_kv, k_rope = self._project(x, positions)
-        if cache is not None:
-            c_kv, k_rope = cache.append(c_kv, k_rope)  # (B, S, r), (B, S, dr)
+        kv = cache.append(c_kv, k_rope) if cache is not None else None  # (B, S, r+dr)
+        num_keys = seq if kv is None else kv.shape[1]
+        mask = (segment_mask(segment_ids) if segment_ids is not None
+                else position_mask(positions, num_keys) if positions.dim() == 2
+                else None)  # None: bottom-right causal
         # Absorption pays off when K/V would be rebuilt for every cached token at each step,
         # i.e. decoding with a cache; a cacheless full forward uses the plain form.
-        attend = self._attend_absorbed if (self.absorb and cache is not None) else self._attend
-        mask = (segment_mask(segment_ids) if segment_ids is not None
-                else position_mask(positions, c_kv.shape[1]) if positions.dim() == 2
-                else None)  # None: bottom-right causal
-        y = attend(q_nope, q_rope, c_kv, k_rope, mask)  # (B, nh, T, d)
+        if kv is not None and self.absorb:
+            y = self._attend_absorbed(q_nope, q_rope, kv, mask)  # (B, nh, T, d)
+        else:
+            if kv is not None:
+                c_kv, k_rope = kv.split([self.kv_rank, self.rope_dim], dim=-1)
+            y = self._attend(q_nope, q_rope, c_kv, k_rope, mask)  # (B, nh, T, d)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
     def _project(
@@ -176,11 +187,12 @@ class MultiHeadLatentAttention(nn.Module):
         return attention(q, k, v, attn_mask=mask, scale=self.scale)
 
     def _attend_absorbed(
-        self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Absorbed MLA over the latent; K/V are never formed. Returns (B, nh, T, d).
-        mask (B, 1, T, S) bool replaces the causal mask, as in `_attend`.
+        """Absorbed MLA over the latent cache kv (B, S, r+dr) = [c_kv | k_rope]; K/V are never
+        formed. Returns (B, nh, T, d). mask (B, 1, T, S) bool replaces the causal mask, as in
+        `_attend`.
 
         q_nope . (W_uk_h c) = (q_nope W_uk_h) . c, so the query moves into latent space, and
         P (c W_uv_h^T) = (P c) W_uv_h^T, so values are up-projected after attention.
@@ -189,16 +201,11 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk = self.k_up.weight.view(nh, d, r)  # (nh, d, r)
         w_uv = self.v_up.weight.view(nh, d, r)  # (nh, d, r)
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, nh, T, r)
-        # Concatenating [q_lat, q_rope] . [c_kv, k_rope] gives q_lat.c_kv + q_rope.k_rope in one
-        # product: attention with a single key/value head (the latent) shared by all nh heads.
-        q = torch.cat([q_lat, q_rope], dim=-1)  # (B, nh, T, r+dr)
-        k = torch.cat([c_kv, k_rope], dim=-1).unsqueeze(1)  # (B, 1, S, r+dr)
-        v = c_kv.unsqueeze(1)  # (B, 1, S, r)
-        batch, seq_k = c_kv.shape[0], c_kv.shape[1]
-        # expand is a stride-0 view: no per-head copy of the latent.
-        o_lat = attention(
-            q, k.expand(batch, nh, seq_k, -1), v.expand(batch, nh, seq_k, -1),
-            attn_mask=mask, scale=self.scale,
-        )  # (B, nh, T, r)
+        # [q_lat, q_rope] . [c_kv, k_rope] = q_lat.c_kv + q_rope.k_rope in one product: MQA
+        # with the latent as the single key/value head shared by all nh heads. The key is the
+        # whole cached row and the value its first r numbers (views of one buffer), so the
+        # cache is neither copied nor repeated per head.
+        q = torch.cat([q_lat, q_rope], dim=-1).to(kv.dtype)  # (B, nh, T, r+dr)
+        k = kv.unsqueeze(1)  # (B, 1, S, r+dr)
+        o_lat = attention(q, k, k[..., :r], attn_mask=mask, scale=self.scale)  # (B, nh, T, r)
         return torch.einsum("bhtr,hdr->bhtd", o_lat, w_uv)  # (B, nh, T, d)
-

@@ -1,14 +1,19 @@
 """Hot ops, called by the layers through this module only.
 
-Each op's pure-torch implementation lives here (`reference.py`, `selective_scan.py`). A fast
-kernel for an op is registered here next to its reference twin, so the choice of
-implementation stays in one place and layers never import triton or CUDA code directly.
+Each op's pure-torch implementation lives here (`reference.py`, `selective_scan.py`,
+`linear_cross_entropy.py`). A fast kernel for an op is registered here next to its reference
+twin, so the choice of implementation stays in one place and layers never import triton or
+CUDA code directly.
 """
 
 from __future__ import annotations
 
 from hybridlm.ops.attention import attention
 from hybridlm.ops.dispatch import current_impl, fast_path_enabled, set_impl, use_impl
+from hybridlm.ops.linear_cross_entropy import (
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
 from hybridlm.ops.reference import grouped_swiglu, sort_by_expert
 from hybridlm.ops.selective_scan import (
     selective_scan_chunked,
@@ -21,6 +26,8 @@ __all__ = [
     "current_impl",
     "fast_path_enabled",
     "grouped_swiglu",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
     "selective_scan_chunked",
     "selective_scan_sequential",
     "selective_scan_step",

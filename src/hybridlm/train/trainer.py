@@ -170,7 +170,7 @@ def backward_global_batch(model, parts: list[dict[str, torch.Tensor]], ctx: Dist
             sync = model.no_sync()
         with sync:
             with autocast:
-                output = model(**part, num_items_in_batch=global_count)
+                output = model(**part, num_items_in_batch=global_count, return_logits=False)
             # DDP and FSDP average gradients over ranks; the ranks' token sums must add up.
             objective = output.lm_loss * ctx.world_size
             if "aux_loss" in output.aux:  # a per-micro-batch mean, weighted as before
