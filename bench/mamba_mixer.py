@@ -1,0 +1,107 @@
+"""The Mamba mixer (layers/mamba.py, whatever scan `hybridlm.ops` picks on this device),
+forward + backward, vs HF transformers' MambaMixer on its pure-torch path (no mamba_ssm
+kernels: a Python loop over time). d768, N16, expand 2 (Din 1536), conv 4, fp32 weights
+under bf16 autocast, random inputs and output gradients rotated over three sets.
+
+Rows: tokens/s at B8 x L2048 and B2 x L8192 (the same tokens per call), and the second over
+the first: a scan linear in length keeps that ratio near 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from bench import peers
+from bench.timing import Measured, Row, attempt, measure, peer_row
+from hybridlm import ModelConfig
+from hybridlm.layers.mamba import Mamba
+
+NAME = "mamba_mixer"
+HIDDEN, D_STATE, EXPAND, D_CONV = 768, 16, 2, 4
+INPUT_SETS = 3
+
+
+def shapes(quick: bool) -> list[tuple[int, int]]:
+    """(batch, length) pairs, the second 4x longer at the same tokens per call."""
+    return [(2, 64), (1, 128)] if quick else [(8, 2048), (2, 8192)]
+
+
+def hidden_size(quick: bool) -> int:
+    return 64 if quick else HIDDEN
+
+
+def dtype_and_autocast(
+    device: torch.device,
+) -> tuple[torch.dtype, contextlib.AbstractContextManager]:
+    """bf16 activations under bf16 autocast on a GPU; fp32 without autocast on the CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16, torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.float32, contextlib.nullcontext()
+
+
+def measure_mixer(mixer: nn.Module, call, device: torch.device, batch: int, length: int,
+                  warmup: int, quick: bool) -> Measured:
+    """tokens/s of call(mixer, x) forward + backward with a random output gradient."""
+    hidden = mixer.out_proj.out_features
+    dtype, autocast = dtype_and_autocast(device)
+    sets = [
+        (torch.randn(batch, length, hidden, device=device, dtype=dtype, requires_grad=True),
+         torch.randn(batch, length, hidden, device=device, dtype=dtype))
+        for _ in range(INPUT_SETS)
+    ]
+
+    def fwd_bwd(x: torch.Tensor, grad: torch.Tensor) -> None:
+        with autocast:
+            y = call(mixer, x)
+        y.backward(grad)
+        x.grad = None
+        mixer.zero_grad(set_to_none=True)
+
+    timing = measure(fwd_bwd, device, warmup=warmup, inputs=sets, quick=quick)
+    return Measured.of(timing, batch * length)
+
+
+def hybridlm_mixer(device: torch.device, quick: bool) -> nn.Module:
+    cfg = ModelConfig(hidden_size=hidden_size(quick), num_attention_heads=4,
+                      num_key_value_heads=4, num_hidden_layers=1, mixer_pattern="M",
+                      mamba_d_state=D_STATE, mamba_expand=EXPAND, mamba_d_conv=D_CONV)
+    torch.manual_seed(0)
+    with device:
+        return Mamba(cfg, 0)
+
+
+def ours(device: torch.device, quick: bool, batch: int, length: int) -> Measured:
+    mixer = hybridlm_mixer(device, quick)
+    positions = torch.arange(length, device=device)
+    return measure_mixer(mixer, lambda m, x: m(x, positions=positions), device, batch, length,
+                         warmup=3, quick=quick)
+
+
+def hf(device: torch.device, quick: bool, batch: int, length: int) -> Measured:
+    mine = hybridlm_mixer(device, quick)  # the peer gets the same sizes
+    torch.manual_seed(0)
+    mixer = peers.hf_mamba_mixer(hidden_size(quick), D_STATE, EXPAND, D_CONV, mine.dt_rank,
+                                 device)
+    # One warm-up call: the loop runs the same kernels every step, nothing to compile.
+    return measure_mixer(mixer, lambda m, x: m(x), device, batch, length, warmup=1, quick=quick)
+
+
+def run(device: torch.device, quick: bool) -> list[Row]:
+    rows, results = [], []
+    for batch, length in shapes(quick):
+        mine = attempt(f"hybridlm Mamba B{batch} L{length}",
+                       lambda b=batch, n=length: ours(device, quick, b, n))
+        theirs = peers.peer_attempt(f"HF MambaMixer B{batch} L{length}",
+                                    lambda b=batch, n=length: hf(device, quick, b, n))
+        results.append(mine)
+        rows.append(peer_row(NAME, f"Mamba mixer fwd+bwd B{batch} L{length}", "tokens/s",
+                             mine, "HF MambaMixer, torch path", theirs,
+                             f"d{hidden_size(quick)} N{D_STATE} Din {EXPAND * hidden_size(quick)}"))
+    (short_b, short_l), (_, long_l) = shapes(quick)
+    rows.append(peer_row(NAME, f"Mamba mixer L{long_l} vs L{short_l}", "tokens/s", results[1],
+                         f"hybridlm B{short_b} L{short_l}", results[0],
+                         "linear time keeps this near 1"))
+    return rows
