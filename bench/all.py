@@ -28,7 +28,7 @@ from bench.timing import progress
 
 # Cheap benchmarks first, the ones that compile whole models last: a run stopped by its
 # time limit keeps the most rows. The table shows them in the order (report.ORDER).
-BENCHMARKS = ("ceilings", "moe_layer", "mla_decode", "mamba_mixer", "train_187m", "train_nexus")
+BENCHMARKS = ("ceilings", "moe_layer", "mla_decode", "train_187m", "mamba_mixer", "train_nexus")
 SCHEMA = "hybridlm-bench/1"
 
 
