@@ -124,6 +124,7 @@ def markdown(results: dict[str, Any]) -> str:
     rows = ordered(results["rows"])
     spread = [[*cells(row)[:2], interquartile(row), *cells(row)[2:]] for row in rows]
     header = [*COLUMNS[:2], "IQR", *COLUMNS[2:]]
+    missing = [name for name in ORDER if name not in results["benchmarks"]]
     text = [
         "# Benchmark results",
         "",
@@ -135,6 +136,8 @@ def markdown(results: dict[str, Any]) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None),
         f"- date: {results['date']}",
         f"- command: `{results['command']}`" + (" (quick sizes)" if results["quick"] else ""),
+        f"- benchmarks: {', '.join(results['benchmarks'])} ({results['elapsed_s']:.0f} s)",
+        *([f"- not in this run: {', '.join(missing)}"] if missing else []),
         "",
         *markdown_table(header, spread),
         "",

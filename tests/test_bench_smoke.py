@@ -77,8 +77,8 @@ def test_peer_cells_follow_whether_transformers_is_installed(quick_run):
     if transformers_module() is None:
         assert all(row["peer"] is None and row["peer_error"].startswith("n/a")
                    for row in hf_rows)
-    else:
-        assert all(row["peer_error"] is None or "compiled" in row["peer_name"]
+    else:  # measured, or (the long Mamba row) left out on purpose
+        assert all(row["peer"] is not None or row["peer_error"].startswith("n/a")
                    for row in hf_rows)
 
 
