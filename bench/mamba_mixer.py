@@ -64,27 +64,25 @@ def measure_mixer(mixer: nn.Module, call, device: torch.device, batch: int, leng
     return Measured.of(timing, batch * length)
 
 
-def hybridlm_mixer(device: torch.device, quick: bool) -> nn.Module:
-    cfg = ModelConfig(hidden_size=hidden_size(quick), num_attention_heads=4,
-                      num_key_value_heads=4, num_hidden_layers=1, mixer_pattern="M",
-                      mamba_d_state=D_STATE, mamba_expand=EXPAND, mamba_d_conv=D_CONV)
-    torch.manual_seed(0)
-    with device:
-        return Mamba(cfg, 0)
+def mixer_config(quick: bool) -> ModelConfig:
+    return ModelConfig(hidden_size=hidden_size(quick), num_attention_heads=4,
+                       num_key_value_heads=4, num_hidden_layers=1, mixer_pattern="M",
+                       mamba_d_state=D_STATE, mamba_expand=EXPAND, mamba_d_conv=D_CONV)
 
 
 def ours(device: torch.device, quick: bool, batch: int, length: int) -> Measured:
-    mixer = hybridlm_mixer(device, quick)
+    torch.manual_seed(0)
+    with device:
+        mixer = Mamba(mixer_config(quick), 0)
     positions = torch.arange(length, device=device)
     return measure_mixer(mixer, lambda m, x: m(x, positions=positions), device, batch, length,
                          warmup=3, quick=quick)
 
 
 def hf(device: torch.device, quick: bool, batch: int, length: int) -> Measured:
-    mine = hybridlm_mixer(device, quick)  # the peer gets the same sizes
+    dt_rank = mixer_config(quick).mamba_dt_rank_size  # the peer gets hybridlm's sizes
     torch.manual_seed(0)
-    mixer = peers.hf_mamba_mixer(hidden_size(quick), D_STATE, EXPAND, D_CONV, mine.dt_rank,
-                                 device)
+    mixer = peers.hf_mamba_mixer(hidden_size(quick), D_STATE, EXPAND, D_CONV, dt_rank, device)
     # One warm-up call: the loop runs the same kernels every step, nothing to compile.
     return measure_mixer(mixer, lambda m, x: m(x), device, batch, length, warmup=1, quick=quick)
 

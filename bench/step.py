@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bench.timing import Measured, measure
+from hybridlm import HybridLM, ModelConfig
 from hybridlm.train.optim import param_groups
 from hybridlm.train.trainer import PEAK_BF16_FLOPS
 
@@ -86,3 +87,18 @@ def measure_training(
     if device.type == "cuda":
         result.extra["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
+
+
+def measure_hybridlm(cfg: ModelConfig, device: torch.device, *, batch: int, seq: int,
+                     compiled: bool, quick: bool) -> Measured:
+    """`measure_training` of a fresh HybridLM built from `cfg` on `device`, with its MoE
+    balancing after every step (a no-op for models without balanced experts)."""
+    torch.manual_seed(0)
+    with device:
+        model = HybridLM(cfg).train()
+    attention_layers = sum(m in "AL" for m in cfg.layer_mixers)
+    flops = flops_per_token(model.num_parameters(active=True), attention_layers,
+                            cfg.hidden_size, seq)
+    return measure_training(model, device, batch=batch, seq=seq, vocab=cfg.vocab_size,
+                            flops=flops, compiled=compiled, quick=quick,
+                            after_step=model.balance_step)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bench import peers
-from bench.step import flops_per_token, measure_training
+from bench.step import flops_per_token, measure_hybridlm, measure_training
 from bench.timing import Measured, Row, attempt, peer_row
 from hybridlm import HybridLM, ModelConfig
 
@@ -55,20 +55,6 @@ def dense_overrides(quick: bool) -> dict[str, Any]:
     return dict(mlp_pattern="D", intermediate_size=width, use_mu_guidance=False)
 
 
-def measure_hybridlm(cfg: ModelConfig, device: torch.device, compiled: bool,
-                     quick: bool) -> Measured:
-    batch, seq = shape(quick)
-    torch.manual_seed(0)
-    with device:
-        model = HybridLM(cfg).train()
-    attention_layers = sum(m in "AL" for m in cfg.layer_mixers)
-    flops = flops_per_token(model.num_parameters(active=True), attention_layers,
-                            cfg.hidden_size, seq)
-    return measure_training(model, device, batch=batch, seq=seq, vocab=cfg.vocab_size,
-                            flops=flops, compiled=compiled, quick=quick,
-                            after_step=model.balance_step)
-
-
 def measure_llama(cfg: ModelConfig, device: torch.device, compiled: bool,
                   quick: bool) -> Measured:
     batch, seq = shape(quick)
@@ -87,9 +73,12 @@ def measure_llama(cfg: ModelConfig, device: torch.device, compiled: bool,
 
 def run(device: torch.device, quick: bool) -> list[Row]:
     preset, dense = config(quick), config(quick, **dense_overrides(quick))
+    batch, seq = shape(quick)
     ours = {
-        (kind, compiled): attempt(f"hybridlm {kind} {'compiled' if compiled else 'eager'}",
-                                  lambda c=cfg, k=compiled: measure_hybridlm(c, device, k, quick))
+        (kind, compiled): attempt(
+            f"hybridlm {kind} {'compiled' if compiled else 'eager'}",
+            lambda c=cfg, k=compiled: measure_hybridlm(c, device, batch=batch, seq=seq,
+                                                       compiled=k, quick=quick))
         for kind, cfg in (("preset", preset), ("dense", dense))
         for compiled in (False, True)
     }
@@ -100,7 +89,6 @@ def run(device: torch.device, quick: bool) -> list[Row]:
         for compiled in (False, True)
     }
     eager_name, compiled_name = "HF LlamaForCausalLM eager", "HF LlamaForCausalLM compiled"
-    batch, seq = shape(quick)
     precision = "bf16 autocast, fused AdamW" if device.type == "cuda" else "fp32, AdamW"
     note = f"B{batch} x T{seq}, {precision}"
     return [

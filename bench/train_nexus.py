@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from bench.step import flops_per_token, measure_training
+from bench.step import measure_hybridlm
 from bench.timing import Measured, Row, attempt, peer_row
-from hybridlm import HybridLM, ModelConfig
+from hybridlm import ModelConfig
 
 NAME = "train_nexus"
 PRESET = "nexus-small"
@@ -24,15 +24,7 @@ QUICK_SIZES: dict[str, Any] = dict(
 def measure_nexus(device: torch.device, compiled: bool, quick: bool) -> Measured:
     batch, seq = (2, 32) if quick else (8, 2048)
     cfg = ModelConfig.from_preset(PRESET, **(QUICK_SIZES if quick else {}))
-    torch.manual_seed(0)
-    with device:
-        model = HybridLM(cfg).train()
-    attention_layers = sum(m in "AL" for m in cfg.layer_mixers)
-    flops = flops_per_token(model.num_parameters(active=True), attention_layers,
-                            cfg.hidden_size, seq)
-    return measure_training(model, device, batch=batch, seq=seq, vocab=cfg.vocab_size,
-                            flops=flops, compiled=compiled, quick=quick,
-                            after_step=model.balance_step)
+    return measure_hybridlm(cfg, device, batch=batch, seq=seq, compiled=compiled, quick=quick)
 
 
 def run(device: torch.device, quick: bool) -> list[Row]:
