@@ -43,11 +43,13 @@ class GroupedExperts(nn.Module):
                 f"{self.num_experts} experts"
             )
         experts = self.num_experts
-        order, counts = ops.sort_by_expert(routing.expert_idx, experts + 1)  # bin E: dropped
+        bins = experts + 1 if routing.may_drop else experts  # bin E: the dropped slots
+        order, counts = ops.sort_by_expert(routing.expert_idx, bins)
         counts = counts[:experts]  # (E,)
         token_of_slot = routing.token_idx[order]  # (M,) source token of each sorted slot
         y_sorted = ops.grouped_swiglu(  # (M, H), zero past the kept slots
-            x[token_of_slot], counts, self.w_gate, self.w_up, self.w_down, routing.capacity
+            x[token_of_slot], counts, self.w_gate, self.w_up, self.w_down, routing.capacity,
+            covers_all_rows=not routing.may_drop,
         )
         if routing.top_k is not None:
             return self._combine_token_major(y_sorted, order, routing), counts

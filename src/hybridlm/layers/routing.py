@@ -36,9 +36,9 @@ class Routing:
     """Where each routed slot goes. Slots may come in any order and any number per token
     (a token in no slot gets only what the MLP adds besides its routed experts).
 
-    token_idx, expert_idx: (M,) long. expert_idx may hold E (one past the last expert): the
-    slot is dropped (capacity), computes nothing and adds nothing; M itself never depends on
-    the routing's values, so routing needs no host synchronisation and compiles.
+    token_idx, expert_idx: (M,) long. With `may_drop`, expert_idx may hold E (one past the
+    last expert): the slot is dropped (capacity), computes nothing and adds nothing. M never
+    depends on the routing's values, so routing needs no host synchronisation and compiles.
     weights: (M,) or None (every slot weighs 1).
     num_experts: E. probs: (N, E) float32 router scores (learned routers; aux loss, entropy).
     selected: (E,) long, the slots each expert was chosen for before any capacity dropped
@@ -48,6 +48,8 @@ class Routing:
     lets the experts combine a token's slots without atomic adds; None: any order.
     capacity: a bound on the slots one expert takes, known without reading the routing
     (N for distinct top-k choices, C under capacity or expert choice); None: M.
+    may_drop: some slots may go to the drop bin (set by `keep`); False lets the experts skip
+    handling that bin.
     """
 
     token_idx: torch.Tensor
@@ -60,6 +62,7 @@ class Routing:
     expert_ids: torch.Tensor | None = None
     top_k: int | None = None
     capacity: int | None = None
+    may_drop: bool = False
 
     @classmethod
     def token_choice(
@@ -87,7 +90,7 @@ class Routing:
         weights = None if self.weights is None else torch.where(mask, self.weights, 0.0)
         return dataclasses.replace(
             self, expert_idx=torch.where(mask, self.expert_idx, self.num_experts),
-            weights=weights, dropped=(~mask).sum(),
+            weights=weights, dropped=(~mask).sum(), may_drop=True,
             capacity=self.capacity if capacity is None else capacity,
         )
 

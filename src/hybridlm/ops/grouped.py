@@ -47,17 +47,22 @@ def grouped_swiglu(
     w_up: torch.Tensor,
     w_down: torch.Tensor,
     capacity: int | None = None,
+    covers_all_rows: bool = False,
 ) -> torch.Tensor:
     """SwiGLU of each contiguous expert group: x_sorted (M, H), counts (E,) with
     sum(counts) <= M, w_gate/w_up (E, H, I), w_down (E, I, H) -> (M, H).
 
     Contract of `grouped_swiglu_reference`: rows past sum(counts) come back zero and pass no
     gradient. `capacity`: a static bound on every count (None: M), used by the padded path.
+    `covers_all_rows`: the caller knows sum(counts) == M (nothing dropped), so the grouped
+    GEMMs skip masking a tail that cannot exist.
     """
     if current_impl() == "reference":
         return grouped_swiglu_reference(x_sorted, counts, w_gate, w_up, w_down)
     if _grouped_mm_usable(x_sorted, w_gate, w_down):
-        return grouped_swiglu_grouped_mm(x_sorted, counts, w_gate, w_up, w_down)
+        return grouped_swiglu_grouped_mm(
+            x_sorted, counts, w_gate, w_up, w_down, mask_tail=not covers_all_rows
+        )
     if x_sorted.is_cuda or torch.compiler.is_compiling():
         bound = x_sorted.shape[0] if capacity is None else min(capacity, x_sorted.shape[0])
         return grouped_swiglu_padded(x_sorted, counts, w_gate, w_up, w_down, bound)
@@ -92,21 +97,25 @@ def grouped_swiglu_grouped_mm(
     w_gate: torch.Tensor,
     w_up: torch.Tensor,
     w_down: torch.Tensor,
+    mask_tail: bool = True,
 ) -> torch.Tensor:
     """The grouped-GEMM implementation (CUDA, bf16): three `torch._grouped_mm` calls.
 
     `_grouped_mm` leaves rows past the last offset uninitialised, in its output and in its
-    input gradient, so the tail rows are masked on the way in and out (`torch.where`, which
-    selects and never multiplies garbage)."""
+    input gradient, so with `mask_tail` those rows are masked on the way in and out
+    (`torch.where`, which selects and never multiplies garbage); without it the caller
+    promises there are none."""
     dtype = _compute_dtype(x_sorted)
     offsets = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
-    rows = torch.arange(x_sorted.shape[0], device=x_sorted.device)
-    valid = (rows < offsets[-1])[:, None]  # (M, 1)
-    x = torch.where(valid, x_sorted.to(dtype), 0)  # (M, H)
+    x = x_sorted.to(dtype)  # (M, H)
+    if mask_tail:
+        rows = torch.arange(x.shape[0], device=x.device)
+        valid = (rows < offsets[-1])[:, None]  # (M, 1)
+        x = torch.where(valid, x, 0)
     gate = torch._grouped_mm(x, w_gate.to(dtype), offs=offsets)  # (M, I)
     up = torch._grouped_mm(x, w_up.to(dtype), offs=offsets)  # (M, I)
     y = torch._grouped_mm(F.silu(gate) * up, w_down.to(dtype), offs=offsets)  # (M, H)
-    return torch.where(valid, y, 0)
+    return torch.where(valid, y, 0) if mask_tail else y
 
 
 def grouped_swiglu_padded(
