@@ -1,7 +1,9 @@
-"""The whole model compiles with `torch.compile(fullgraph=True)`: no graph break, so no host
-synchronisation and no data-dependent shape anywhere in a training forward or backward
-(attention, MLA, the Mamba scan, token-routed experts, learned top-k with capacity, expert
-choice, shared experts, aux loss), and the compiled model gives the eager loss and gradients.
+"""The whole model compiles with `torch.compile(fullgraph=True)` (attention, MLA, the Mamba
+scan, token-routed experts, learned top-k with capacity, expert choice, shared experts, aux
+loss), and the compiled model gives the eager loss and gradients. A second test watches every
+aten op of a training step for the ones that read values on the host (`.item()`, bincount,
+nonzero, boolean-mask indexing): on a GPU each of those waits for the device, and dynamo
+traces some of them (with data-dependent sizes) instead of breaking the graph.
 
 Backend "aot_eager": it traces exactly what inductor traces (dynamo + AOTAutograd, forward
 and backward graphs) but skips code generation, which on a 2-core CI machine takes ~100 s for
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import tiny_config
 from hybridlm import HybridLM
@@ -65,3 +68,39 @@ def test_the_model_compiles_fullgraph_and_matches_eager(case):
     assert compiled_grads.keys() == eager_grads.keys()
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+aten = torch.ops.aten
+# Ops whose result (a Python number, or an output size) depends on tensor values.
+HOST_READS = {aten._local_scalar_dense.default, aten.bincount.default, aten.nonzero.default,
+              aten.masked_select.default, aten.repeat_interleave.Tensor,
+              aten._unique2.default, aten.unique_consecutive.default}
+
+
+class HostReadWatch(TorchDispatchMode):
+    """Records every aten op of the block that reads tensor values on the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        masked = func is aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        if func in HOST_READS or masked:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_training_step_reads_no_tensor_value_on_the_host(case, monkeypatch):
+    """Eager, as a compiled graph would run it (`is_compiling()` true: the sync-free expert
+    path, and no value checks of the input ids); `.tolist()` bypasses the dispatcher, so it
+    is trapped on its own."""
+    model = build(case)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("tolist on the host"))
+    with HostReadWatch() as watch:
+        model(ids, labels=ids).loss.backward()
+    assert watch.reads == []
