@@ -16,8 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_config
-from hybridlm import HybridLM
+from hybridlm import HybridLM, ModelConfig
 
 CASES = {
     # Every mixer, and token-routed, learned top-k (capacity drops slots) and dense MLPs.
@@ -31,10 +30,13 @@ CASES = {
 
 def build(case: str) -> HybridLM:
     torch.manual_seed(0)
-    config = tiny_config(
-        vocab_size=64, moe_num_shared=1, moe_balance="aux_loss", mamba_d_state=4,
-        mamba_chunk_size=8, mla_kv_rank=16, mla_rope_dim=8, mla_q_rank=16, **CASES[case],
+    base = dict(
+        vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, num_experts=4, max_position_embeddings=64,
+        moe_num_shared=1, moe_balance="aux_loss", mamba_d_state=4, mamba_chunk_size=8,
+        mla_kv_rank=16, mla_rope_dim=8, mla_q_rank=16,
     )
+    config = ModelConfig(**{**base, **CASES[case]})
     model = HybridLM(config).train()
     with torch.no_grad():  # wider experts and gates than the init: routing moves the loss
         for name, p in model.named_parameters():
