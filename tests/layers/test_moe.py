@@ -636,3 +636,43 @@ def test_cache_parity_notices_expert_choice_routing(monkeypatch):
             token_choice = model(ids).logits
         routing_effect = float((model(ids).logits - token_choice).abs().max())
     assert cached_vs_full_gap(model, ids, prompt=5) > 1e-2 * routing_effect
+
+
+# --- 12. the sync-free dispatch: every router, as a compiled graph runs it --------------------
+@pytest.fixture
+def sync_free(monkeypatch):
+    """`torch.compiler.is_compiling()` true: GroupedExperts takes the padded, sync-free path
+    that compiled graphs (and CUDA without the grouped-GEMM kernel) run."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+
+@pytest.mark.parametrize("router, factor", [("topk", None), ("topk", 0.75),
+                                            ("expert_choice", 0.5), ("expert_choice", 2.0),
+                                            ("causal", 2.0)])
+def test_every_router_sync_free_equals_per_token_loop(sync_free, router, factor):
+    learned = "topk" if router == "topk" else "expert_choice"
+    factor_field = "moe_capacity_factor" if learned == "topk" else "moe_ec_capacity_factor"
+    cfg = dict(moe_router=learned, moe_top_k=2, num_shared_experts=1, **{factor_field: factor})
+    mlp = make_moe(**cfg).train()
+    mlp.router.causal = router == "causal"
+    if router == "topk":
+        mlp.router.expert_bias.copy_(torch.tensor([0.6, 0.3, 0.0, 0.0]))  # overload 0 and 1
+    x = torch.randn(2, 10, H)
+    flat = x.reshape(-1, H)
+    routing = mlp.router(flat)
+    if router == "causal":
+        slots = reference_token_choice_slots(mlp, flat, mlp.router.causal_top_k)
+    elif router == "topk" and factor is not None:
+        capacity = math.ceil(20 * 2 * factor / E)
+        assert routing.capacity == capacity
+        keep = reference_capacity_keep(routing.expert_ids, capacity)
+        slots = slots_kept(mlp, flat, keep, **cfg)
+    else:
+        slots = reference_slots(mlp, flat, make_config(**cfg))
+    y, stats = mlp(x)
+    torch.testing.assert_close(y.reshape(-1, H), per_token_loop(mlp, flat, flat, slots),
+                               atol=1e-5, rtol=1e-5)
+    counts = torch.bincount(torch.tensor([e for _, e, _ in slots]), minlength=E)
+    assert stats["expert_counts"].tolist() == counts.tolist()
+    y.square().sum().backward()
+    assert mlp.router.gate.weight.grad.abs().sum() > 0

@@ -142,3 +142,73 @@ def test_every_expert_gets_gradient():
     for name in ("w_gate", "w_up", "w_down"):
         grad = getattr(ex, name).grad
         assert all(grad[e].abs().sum() > 0 for e in range(4)), name
+
+
+# --- the sync-free dispatch (what a compiled graph and CUDA run) --------------------------------
+@pytest.fixture(params=["eager", "sync_free"])
+def dispatch_path(request, monkeypatch):
+    """Run GroupedExperts eagerly on CPU (the loop over experts) or as inside a compiled graph
+    (`torch.compiler.is_compiling()` true: the padded, sync-free grouped SwiGLU)."""
+    if request.param == "sync_free":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    return request.param
+
+
+@pytest.mark.parametrize("loads", [[5, 5, 5, 5], [0, 12, 0, 8], [1, 0, 0, 0], [1, 2, 3, 14]])
+def test_both_dispatch_paths_equal_per_token_loop(dispatch_path, loads):
+    ex = _experts()
+    ids = torch.cat([torch.full((n,), e) for e, n in enumerate(loads)])
+    ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(1))][:, None]
+    x = torch.randn(len(ids), 8)
+    y, counts = ex(x, Routing.token_choice(ids, 4, distinct=True))
+    assert counts.tolist() == loads
+    torch.testing.assert_close(y, per_token_loop(ex, x, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_dropped_slots_add_nothing_and_are_not_counted(dispatch_path):
+    ex = _experts()
+    x = torch.randn(9, 8, requires_grad=True)
+    ids = torch.stack([torch.arange(9) % 4, (torch.arange(9) + 1) % 4], dim=1)  # (9, 2)
+    w = torch.rand(9, 2)
+    keep = torch.rand(9, 2, generator=torch.Generator().manual_seed(0)) < 0.6
+    routing = Routing.token_choice(ids, 4, w, distinct=True).keep(keep.reshape(-1))
+    assert routing.expert_idx.shape == (18,)  # dropped slots stay, sent to the drop bin
+    y, counts = ex(x, routing)
+    assert int(routing.dropped) == int((~keep).sum()) > 0
+    assert counts.tolist() == torch.bincount(ids[keep], minlength=4).tolist()
+    torch.testing.assert_close(y, per_token_loop(ex, x, ids, w * keep), atol=1e-5, rtol=1e-5)
+    y.square().sum().backward()
+    dropped_only = [n for n in range(9) if not keep[n].any()]
+    assert all(x.grad[n].abs().sum() == 0 for n in dropped_only)
+
+
+def test_token_major_combine_equals_the_scatter_of_any_order(dispatch_path):
+    """The permutation-and-sum combine of token-major slots gives what index_add gives for
+    the same slots in any order (here reversed, top_k unset)."""
+    ex = _experts()
+    x = torch.randn(7, 8)
+    ids = torch.stack([torch.arange(7) % 4, (torch.arange(7) + 2) % 4], dim=1)
+    w = torch.rand(7, 2)
+    token_major = Routing.token_choice(ids, 4, w, distinct=True)
+    flip = torch.arange(13, -1, -1)
+    any_order = Routing(token_major.token_idx[flip], token_major.expert_idx[flip],
+                        token_major.weights[flip], 4)
+    y_major, _ = ex(x, token_major)
+    y_any, _ = ex(x, any_order)
+    torch.testing.assert_close(y_major, y_any, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_major, per_token_loop(ex, x, ids, w), atol=1e-5, rtol=1e-5)
+
+
+def test_token_routed_mlp_sync_free_equals_loop(dispatch_path):
+    torch.manual_seed(0)
+    mlp = TokenRoutedMLP(8, 16, num_experts=3, vocab_size=10, shared_intermediate_size=None)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    ids = torch.tensor([[3, 3, 9, 1], [0, 5, 6, 2]])
+    x = torch.randn(2, 4, 8)
+    y, stats = mlp(x, token_ids=ids)
+    table = mlp.router.table
+    expected_counts = torch.bincount(table[ids.reshape(-1)], minlength=3)
+    assert stats["expert_counts"].tolist() == expected_counts.tolist()
+    expected = per_token_loop(mlp.experts, x.reshape(-1, 8), table[ids.reshape(-1)][:, None])
+    torch.testing.assert_close(y.reshape(-1, 8), expected, atol=1e-5, rtol=1e-5)

@@ -253,8 +253,8 @@ def test_seq_len_may_equal_but_not_exceed_the_models_positions(prepared_dir, tmp
         train(run_config(prepared_dir, tmp_path / "no", steps=1, seq_len=65, model=model))
 
 
-@pytest.mark.slow  # inductor compiles every block: about a minute on 2 CPU cores
-def test_compiled_blocks_give_the_eager_losses(prepared_dir, tmp_path):
+@pytest.mark.slow  # inductor compiles the model: a few minutes on 2 CPU cores
+def test_the_compiled_model_gives_the_eager_losses(prepared_dir, tmp_path):
     train(run_config(prepared_dir, tmp_path / "eager", steps=3))
     train(run_config(prepared_dir, tmp_path / "compiled", steps=3, compile=True))
     eager = [r["loss"] for r in read_metrics(tmp_path / "eager")]

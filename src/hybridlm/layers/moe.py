@@ -42,7 +42,7 @@ from torch import nn
 from hybridlm.config import MOE_SCORES, ModelConfig
 from hybridlm.layers.experts import GroupedExperts
 from hybridlm.layers.mlp import SharedExperts
-from hybridlm.layers.routing import Router, Routing
+from hybridlm.layers.routing import Router, Routing, count_per_expert
 from hybridlm.registry import router_entry
 
 
@@ -116,12 +116,14 @@ class TopKRouter(Router):
         weights = probs.gather(-1, expert_ids)  # (N, k) unbiased scores, carry the gradient
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        routing = Routing.token_choice(expert_ids, self.num_experts, weights, probs)
+        routing = Routing.token_choice(
+            expert_ids, self.num_experts, weights, probs, distinct=True
+        )
         if not (self.training and self.capacity_factor is not None):
             return routing
         capacity = _ceil(x.shape[0] * self.top_k * self.capacity_factor / self.num_experts)
         keep = _within_capacity(expert_ids, self.num_experts, capacity)  # (N, k)
-        return routing.keep(keep.reshape(-1))  # token-major, the slot order
+        return routing.keep(keep.reshape(-1), capacity)  # token-major, the slot order
 
 
 class ExpertChoiceRouter(Router):
@@ -189,15 +191,15 @@ class ExpertChoiceRouter(Router):
         expert_idx = torch.arange(self.num_experts, device=x.device).repeat_interleave(c)
         return Routing(
             token_idx.reshape(-1), expert_idx, weights.reshape(-1), self.num_experts,
-            probs=probs, selected=torch.bincount(expert_idx, minlength=self.num_experts),
-            dropped=torch.zeros((), dtype=torch.long, device=x.device),
+            probs=probs, selected=torch.full_like(probs[0], c, dtype=torch.long),  # (E,)
+            dropped=torch.zeros((), dtype=torch.long, device=x.device), capacity=c,
         )
 
     def _token_choice(self, probs: torch.Tensor) -> Routing:
         """(N, E) scores -> M = N * causal_top_k slots: each token's best experts at their
         scores, token-major."""
         weights, expert_ids = probs.topk(self.causal_top_k, dim=-1)  # (N, k) each
-        return Routing.token_choice(expert_ids, self.num_experts, weights, probs)
+        return Routing.token_choice(expert_ids, self.num_experts, weights, probs, distinct=True)
 
 
 @contextlib.contextmanager
@@ -217,15 +219,14 @@ def causal_routing(module: nn.Module, enabled: bool = True) -> Iterator[None]:
 
 
 def _rank_within_expert(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(M,) expert of each slot -> (M,) how many earlier slots went to the same expert."""
+    """(M,) expert of each slot -> (M,) how many earlier slots went to the same expert.
+    Sort, count and scatter: fixed shapes, nothing read on the host."""
     order = torch.argsort(expert_idx, stable=True)  # slots grouped by expert, in slot order
-    counts = torch.bincount(expert_idx, minlength=num_experts)  # (E,)
+    counts = count_per_expert(expert_idx, num_experts)  # (E,)
     starts = counts.cumsum(0) - counts  # (E,) first sorted position of each expert
     rank_sorted = torch.arange(expert_idx.numel(), device=expert_idx.device)
     rank_sorted = rank_sorted - starts[expert_idx[order]]
-    rank = torch.empty_like(rank_sorted)
-    rank[order] = rank_sorted
-    return rank
+    return torch.empty_like(rank_sorted).scatter(0, order, rank_sorted)
 
 
 def _within_capacity(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:

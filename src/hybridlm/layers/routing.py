@@ -16,6 +16,7 @@ Glossary: N tokens, M routed slots, E experts, k experts per token.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -23,16 +24,32 @@ import torch
 from torch import nn
 
 
+def count_per_expert(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(M,) long in [0, E) -> (E,) long slots per expert: a scatter-add into E fixed bins
+    (bincount's output size depends on the data, so it would wait for the device)."""
+    ones = torch.ones_like(expert_idx)
+    return expert_idx.new_zeros(num_experts).scatter_add_(0, expert_idx, ones)
+
+
 @dataclass
 class Routing:
     """Where each routed slot goes. Slots may come in any order and any number per token
     (a token in no slot gets only what the MLP adds besides its routed experts).
 
-    token_idx, expert_idx: (M,) long. weights: (M,) or None (every slot weighs 1).
+    token_idx, expert_idx: (M,) long. With `may_drop`, expert_idx may hold E (one past the
+    last expert): the slot is dropped (capacity), computes nothing and adds nothing. M never
+    depends on the routing's values, so routing needs no host synchronisation and compiles.
+    weights: (M,) or None (every slot weighs 1).
     num_experts: E. probs: (N, E) float32 router scores (learned routers; aux loss, entropy).
     selected: (E,) long, the slots each expert was chosen for before any capacity dropped
     some (the load that balancing evens out). dropped: () long, slots dropped by capacity.
     expert_ids: (N, k) each token's choices before capacity (token choice only), else None.
+    top_k: k when the slots are token-major (token n owns slots n*k .. n*k + k - 1), which
+    lets the experts combine a token's slots without atomic adds; None: any order.
+    capacity: a bound on the slots one expert takes, known without reading the routing
+    (N for distinct top-k choices, C under capacity or expert choice); None: M.
+    may_drop: some slots may go to the drop bin (set by `keep`); False lets the experts skip
+    handling that bin.
     """
 
     token_idx: torch.Tensor
@@ -43,31 +60,38 @@ class Routing:
     selected: torch.Tensor | None = None
     dropped: torch.Tensor | None = None
     expert_ids: torch.Tensor | None = None
+    top_k: int | None = None
+    capacity: int | None = None
+    may_drop: bool = False
 
     @classmethod
     def token_choice(
         cls, expert_ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None,
-        probs: torch.Tensor | None = None,
+        probs: torch.Tensor | None = None, distinct: bool = False,
     ) -> Routing:
         """expert_ids (N, k), weights (N, k) or None -> token-major slots: token n's k slots
-        are n*k .. n*k + k - 1, nothing dropped."""
+        are n*k .. n*k + k - 1, nothing dropped. `distinct`: a token's k experts differ (as
+        top-k's do), so no expert takes more than N slots."""
         num_tokens, top_k = expert_ids.shape
         token_idx = torch.arange(num_tokens, device=expert_ids.device).repeat_interleave(top_k)
         expert_idx = expert_ids.reshape(-1)
         return cls(
             token_idx, expert_idx, None if weights is None else weights.reshape(-1), num_experts,
-            probs=probs, selected=torch.bincount(expert_idx, minlength=num_experts),
+            probs=probs, selected=count_per_expert(expert_idx, num_experts),
             dropped=torch.zeros((), dtype=torch.long, device=expert_ids.device),
-            expert_ids=expert_ids,
+            expert_ids=expert_ids, top_k=top_k, capacity=num_tokens if distinct else None,
         )
 
-    def keep(self, mask: torch.Tensor) -> Routing:
-        """Only the slots where mask (M,) bool is True; `selected` still counts them all."""
-        weights = None if self.weights is None else self.weights[mask]
-        return Routing(
-            self.token_idx[mask], self.expert_idx[mask], weights, self.num_experts,
-            probs=self.probs, selected=self.selected, dropped=(~mask).sum(),
-            expert_ids=self.expert_ids,
+    def keep(self, mask: torch.Tensor, capacity: int | None = None) -> Routing:
+        """Only the slots where mask (M,) bool is True; `selected` still counts them all.
+
+        The other slots go to the drop bin E with weight 0, so M and the slot order stay as
+        they are. `capacity`: the bound the mask enforces on every expert, if any."""
+        weights = None if self.weights is None else torch.where(mask, self.weights, 0.0)
+        return dataclasses.replace(
+            self, expert_idx=torch.where(mask, self.expert_idx, self.num_experts),
+            weights=weights, dropped=(~mask).sum(), may_drop=True,
+            capacity=self.capacity if capacity is None else capacity,
         )
 
 

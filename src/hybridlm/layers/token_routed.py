@@ -39,7 +39,8 @@ class TokenRoutedRouter(Router):
 
     def forward(self, token_ids: torch.Tensor) -> Routing:
         expert_ids = self.table[token_ids.reshape(-1)].unsqueeze(-1)  # (N, 1)
-        return Routing.token_choice(expert_ids, self.num_experts)
+        # One slot per token, weight 1: the experts put results back by a permutation.
+        return Routing.token_choice(expert_ids, self.num_experts, distinct=True)
 
 
 def corpus_counts(token_counts: torch.Tensor, vocab_size: int) -> torch.Tensor:

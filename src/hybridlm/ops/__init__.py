@@ -2,19 +2,19 @@
 
 Each op's pure-torch implementation lives here (`reference.py`, `selective_scan.py`,
 `linear_cross_entropy.py`). A fast kernel for an op is registered here next to its reference
-twin, so the choice of implementation stays in one place and layers never import triton or
-CUDA code directly.
+twin (`grouped.py` beside `reference.py`), so the choice of implementation stays in one place
+and layers never import triton or CUDA code directly.
 """
 
 from __future__ import annotations
 
 from hybridlm.ops.attention import attention
 from hybridlm.ops.dispatch import current_impl, fast_path_enabled, set_impl, use_impl
+from hybridlm.ops.grouped import grouped_swiglu, sort_by_expert
 from hybridlm.ops.linear_cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_reference,
 )
-from hybridlm.ops.reference import grouped_swiglu, sort_by_expert
 from hybridlm.ops.selective_scan import (
     selective_scan_chunked,
     selective_scan_sequential,

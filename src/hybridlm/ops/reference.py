@@ -1,6 +1,8 @@
-"""Pure-torch reference implementations of the hot ops.
+"""Pure-torch reference implementations of the expert ops.
 
-Every fast kernel added later has its twin here and a parity test against it.
+The readable definitions: one Python step per expert, counts read on the host. Every fast
+implementation (ops/grouped.py) has its twin here and a parity test against it;
+`ops.use_impl("reference")` makes the public ops run these.
 
 Glossary: N tokens, k experts per token, E experts, H hidden, I expert width,
 M = N*k routed (token, expert) slots.
@@ -12,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 
-def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_by_expert_reference(
+    expert_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Order the routed slots by expert.
 
     expert_ids: (M,) or (N, k) long in [0, E) — one entry per routed slot.
@@ -27,7 +31,7 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Te
     return order, counts
 
 
-def grouped_swiglu(
+def grouped_swiglu_reference(
     x_sorted: torch.Tensor,
     counts: torch.Tensor,
     w_gate: torch.Tensor,
@@ -36,9 +40,10 @@ def grouped_swiglu(
 ) -> torch.Tensor:
     """SwiGLU of each contiguous expert group.
 
-    x_sorted: (M, H) slots grouped by expert; counts: (E,); w_gate, w_up: (E, H, I);
-    w_down: (E, I, H). Returns (M, H). Experts with zero slots are skipped (and get a zero
-    gradient only in that step, as they should).
+    x_sorted: (M, H) slots grouped by expert; counts: (E,) with sum(counts) <= M; w_gate,
+    w_up: (E, H, I); w_down: (E, I, H). Returns (M, H); the tail rows past sum(counts) (slots
+    no expert takes) come back zero and pass no gradient. Experts with zero slots are skipped
+    (and get a zero gradient only in that step, as they should).
     """
     outputs = []
     start = 0
@@ -49,6 +54,8 @@ def grouped_swiglu(
         hidden = F.silu(xe @ w_gate[expert]) * (xe @ w_up[expert])  # (count, I)
         outputs.append(hidden @ w_down[expert])  # (count, H)
         start += count
-    if not outputs:
-        return x_sorted.new_zeros(x_sorted.shape)
+    if start < x_sorted.shape[0] or not outputs:
+        dtype = outputs[0].dtype if outputs else x_sorted.dtype
+        tail = x_sorted.shape[0] - start  # slots no expert takes (dropped by capacity)
+        outputs.append(x_sorted.new_zeros(tail, x_sorted.shape[1], dtype=dtype))
     return torch.cat(outputs, dim=0)

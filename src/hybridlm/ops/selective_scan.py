@@ -32,6 +32,7 @@ Lc chunk length (the last chunk may be shorter), K number of chunks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -139,8 +140,17 @@ def _linear_scan(decay: Tensor, b: Tensor) -> Tensor:
     x = torch.empty_like(b)
     x[:, 1::2] = x_odd
     x[:, 0] = b[:, 0]
-    torch.addcmul(b_even[:, 1:], a_even, x_odd[:, : n_even - 1], out=x[:, 2::2])
+    _store(x[:, 2::2], torch.addcmul, b_even[:, 1:], a_even, x_odd[:, : n_even - 1])
     return x
+
+
+def _store(dst: Tensor, op: Callable[..., Tensor], *args: Tensor) -> None:
+    """dst[...] = op(*args). Eager mode writes through `out=`, with no temporary; dynamo
+    refuses `out=` into a strided view, so a compiled graph copies (inductor fuses it)."""
+    if torch.compiler.is_compiling():
+        dst.copy_(op(*args))
+    else:
+        op(*args, out=dst)
 
 
 def _chunk_states(
@@ -215,7 +225,7 @@ class _ChunkedScan(torch.autograd.Function):
             g_dA = g * dA  # (Bt, Lc, N, Din)
             g_log = torch.empty_like(g_dA)
             g_log[:, 0] = g_dA[:, 0] * h_in
-            torch.mul(g_dA[:, 1:], h[:, :-1], out=g_log[:, 1:])
+            _store(g_log[:, 1:], torch.mul, g_dA[:, 1:], h[:, :-1])
             grad_delta[:, sl] = g_b * u_c + (g_log * A_t).sum(dim=2)
             grad_u[:, sl] += g_b * delta_c
             grad_A += (g_log * delta_c[:, :, None, :]).sum(dim=(0, 1))

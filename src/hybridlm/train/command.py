@@ -28,7 +28,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/JSON run file (TrainConfig fields; `model:` overrides)")
     for flag, (field, kind) in TRAIN_FLAGS.items():
         p.add_argument(flag, dest=field, type=kind, default=None)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile blocks")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--reschedule", action="store_true",
                    help="with --resume: accept a new --steps, which changes the learning rate "

@@ -80,7 +80,7 @@ class TrainConfig:
     max_minutes: float | None = None  # checkpoint and stop after this wall time
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    compile: bool = False  # torch.compile each block
+    compile: bool = False  # torch.compile the model (fullgraph; per block under FSDP)
     parallel: str = "none"  # "none" | "ddp" | "fsdp" (under torchrun)
     progress: bool = True  # progress bar on rank 0
 

@@ -176,9 +176,9 @@ def backward_global_batch(model, parts: list[dict[str, torch.Tensor]], ctx: Dist
             if "aux_loss" in output.aux:  # a per-micro-batch mean, weighted as before
                 objective = objective + output.aux["aux_loss"] / len(parts)
             objective.backward()
-        loss_sum += objective.item()
+        loss_sum += objective.detach()  # read once, after the last micro-batch
         aux = output.aux
-    return loss_sum, aux
+    return float(loss_sum), aux
 
 
 def _router_stats(aux: dict[str, Any]) -> dict[str, Any]:
@@ -492,8 +492,7 @@ def _set_up_loop(cfg: TrainConfig, ctx: DistContext, inputs: RunInputs) -> _Loop
     if ctx.is_main:
         warn_if_training_loss_not_causal(plain, inputs.val_tokens is not None)
     if cfg.compile:
-        for block in model.layers:
-            block.compile()
+        compile_model(model, ctx.parallel)
     model = wrap(model, ctx, device)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0}
@@ -512,6 +511,23 @@ def _set_up_loop(cfg: TrainConfig, ctx: DistContext, inputs: RunInputs) -> _Loop
         loss_causal=plain.is_causal, tokens_per_step=cfg.global_batch_size * cfg.seq_len,
         peak_flops=_peak_flops(device), flops_per_token=_flops_per_token(plain, cfg.seq_len),
     )
+
+
+def compile_model(model: HybridLM, parallel: str) -> None:
+    """`compile: true`: torch.compile in place (parameter names, so checkpoints, unchanged).
+
+    One graph for the whole model with fullgraph=True: the forward has no host sync and no
+    data-dependent shape (tests/test_compile.py), so a graph break is a bug to report, not a
+    silent slowdown, and the model needs a few variants only (train, eval, each shape), where
+    blocks compiled one by one share one code object and exhaust dynamo's recompile limit
+    (8) with a few block kinds. Under FSDP the nested fp32 groups put FSDP's hooks inside the
+    blocks, so each block is compiled on its own and may break its graph there.
+    """
+    if parallel == "fsdp":
+        for block in model.layers:
+            block.compile()
+    else:
+        model.compile(fullgraph=True)
 
 
 def _optimizer_step(loop: _Loop, step: int) -> tuple[float, float, dict[str, Any]]:
