@@ -69,7 +69,7 @@ def learned_moe(capacity_factor: float | None = None) -> MoEMLP:
 
 
 def token_routed() -> TokenRoutedMLP:
-    mlp = TokenRoutedMLP(D, WIDTH * TOP_K, 4, VOCAB, shared_intermediate_size=None)
+    mlp = TokenRoutedMLP(D, WIDTH * TOP_K, 4, VOCAB, num_shared_experts=0)
     mlp.experts.init_stacked_weights(0.02, 0.02)
     return mlp
 

@@ -201,7 +201,7 @@ def test_token_major_combine_equals_the_scatter_of_any_order(dispatch_path):
 
 def test_token_routed_mlp_sync_free_equals_loop(dispatch_path):
     torch.manual_seed(0)
-    mlp = TokenRoutedMLP(8, 16, num_experts=3, vocab_size=10, shared_intermediate_size=None)
+    mlp = TokenRoutedMLP(8, 16, num_experts=3, vocab_size=10, num_shared_experts=0)
     for p in mlp.parameters():
         torch.nn.init.normal_(p, 0, 0.3)
     ids = torch.tensor([[3, 3, 9, 1], [0, 5, 6, 2]])
