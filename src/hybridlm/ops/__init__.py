@@ -10,6 +10,7 @@ from __future__ import annotations
 from hybridlm.ops.attention import attention
 from hybridlm.ops.dispatch import current_impl, fast_path_enabled, set_impl, use_impl
 from hybridlm.ops.reference import grouped_swiglu, sort_by_expert
+from hybridlm.ops.scan import selective_scan
 from hybridlm.ops.selective_scan import (
     selective_scan_chunked,
     selective_scan_sequential,
@@ -20,11 +21,12 @@ __all__ = [
     "attention",
     "current_impl",
     "fast_path_enabled",
-    "set_impl",
-    "use_impl",
     "grouped_swiglu",
+    "selective_scan",
     "selective_scan_chunked",
     "selective_scan_sequential",
     "selective_scan_step",
+    "set_impl",
     "sort_by_expert",
+    "use_impl",
 ]

@@ -35,15 +35,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TIME_TILE = 32  # T: steps per tile (registers hold a few (T, BD, NP) fp32 tiles)
+# T: steps per tile. Each thread holds the T steps of one (channel, state) pair for a few
+# (T, BD, NP) tiles; at 16 the backward fits in registers without spilling.
+TIME_TILE = 16
+# BD * NP per program: one thread per (channel, state) pair in 4 warps, so small batches still
+# spread over every multiprocessor (Bt * Din * N / 128 programs).
+PAIRS_PER_PROGRAM = 128
 
 
 def _block_d(inner: int, state: int) -> int:
-    """BD: channels per program, so that a (T, BD, NP) tile stays near 8192 elements."""
-    return max(4, min(64, 8192 // (TIME_TILE * triton.next_power_of_2(state)),
-                      triton.next_power_of_2(inner)))
+    """BD: channels per program."""
+    per_program = max(1, PAIRS_PER_PROGRAM // triton.next_power_of_2(state))
+    return min(per_program, triton.next_power_of_2(inner))
 
 
 @triton.jit
@@ -201,12 +205,12 @@ def _launch_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
             *reset_strides)
 
 
-def _tiles(u: Tensor, A: Tensor) -> tuple[int, int, int, int]:
-    """K tiles, BD, P channel blocks and NP for inputs u (Bt, L, Din) and A (Din, N)."""
+def _tiles(u: Tensor, A: Tensor) -> tuple[int, int, int, int, int]:
+    """K tiles, BD, P channel blocks, NP and warps for u (Bt, L, Din) and A (Din, N)."""
     length, inner, state = u.shape[1], u.shape[2], A.shape[1]
-    block_d = _block_d(inner, state)
-    return (triton.cdiv(length, TIME_TILE), block_d, triton.cdiv(inner, block_d),
-            triton.next_power_of_2(state))
+    block_d, np2 = _block_d(inner, state), triton.next_power_of_2(state)
+    return (triton.cdiv(length, TIME_TILE), block_d, triton.cdiv(inner, block_d), np2,
+            max(1, min(8, block_d * np2 // 32)))
 
 
 @torch.library.custom_op("hybridlm::selective_scan_fwd", mutates_args=())
@@ -217,7 +221,7 @@ def _scan_fwd(
     """y (Bt, L, Din) in u's dtype, h_last (Bt, Din, N) fp32, starts (Bt, K, Din, N) fp32."""
     batch, length, inner = u.shape
     state = A.shape[1]
-    tiles, block_d, blocks, np2 = _tiles(u, A)
+    tiles, block_d, blocks, np2, warps = _tiles(u, A)
     y = torch.empty(batch, length, inner, device=u.device, dtype=u.dtype)
     h_last = torch.empty(batch, inner, state, device=u.device, dtype=torch.float32)
     starts = torch.empty(batch, tiles, inner, state, device=u.device, dtype=torch.float32)
@@ -227,7 +231,7 @@ def _scan_fwd(
         u, delta, A, B, C, D, h0_arg, reset_arg, y, h_last, starts,
         length, inner, state, tiles, *_launch_args(u, delta, A, B, C, reset),
         HAS_H0=h0 is not None, HAS_RESET=reset is not None,
-        T=TIME_TILE, BD=block_d, NP=np2, num_warps=8,
+        T=TIME_TILE, BD=block_d, NP=np2, num_warps=warps,
     )
     return y, h_last, starts
 
@@ -250,7 +254,7 @@ def _scan_bwd(
     """Gradients of (u, delta, A, B, C, D, h0), each in its input's dtype (h0's in fp32)."""
     batch, length, inner = u.shape
     state = A.shape[1]
-    tiles, block_d, blocks, np2 = _tiles(u, A)
+    tiles, block_d, blocks, np2, warps = _tiles(u, A)
     f32 = dict(device=u.device, dtype=torch.float32)
     grad_u = torch.empty(batch, length, inner, device=u.device, dtype=u.dtype)
     grad_delta = torch.empty(batch, length, inner, device=u.device, dtype=delta.dtype)
@@ -265,7 +269,7 @@ def _scan_bwd(
         grad_u, grad_delta, grad_a, grad_b, grad_c, grad_d, grad_h0,
         length, inner, state, tiles, batch, *_launch_args(u, delta, A, B, C, reset),
         *_strides3(grad_y), HAS_RESET=reset is not None,
-        T=TIME_TILE, BD=block_d, NP=np2, num_warps=8,
+        T=TIME_TILE, BD=block_d, NP=np2, num_warps=warps,
     )
     return (grad_u, grad_delta, grad_a.sum(0).to(A.dtype), grad_b.sum(0).to(B.dtype),
             grad_c.sum(0).to(C.dtype), grad_d.sum(0).to(D.dtype), grad_h0)
@@ -330,5 +334,8 @@ def selective_scan_fast(
         if t.dtype not in KERNEL_DTYPES:
             raise ValueError(f"{name}.dtype={t.dtype} is not supported; allowed: {KERNEL_DTYPES}")
     reset = reset.bool() if reset is not None else None
-    y, h_last, _ = _scan_fwd(u, delta, A, B, C, D, h0, reset)
+    # Channels-contiguous u and delta: the kernels' tiles then load whole rows (a no-op when
+    # already so; the Mamba layer's u is a transposed view of its conv output).
+    y, h_last, _ = _scan_fwd(u.contiguous(), delta.contiguous(), A, B, C, D.contiguous(), h0,
+                             reset)
     return y, h_last
