@@ -42,6 +42,13 @@ TIME_TILE = 16
 # BD * NP per program: one thread per (channel, state) pair in 4 warps, so small batches still
 # spread over every multiprocessor (Bt * Din * N / 128 programs).
 PAIRS_PER_PROGRAM = 128
+# Register cap of the backward kernel (None: the compiler's choice); fewer registers let more
+# programs share a multiprocessor, which hides the latency of its cross-warp reductions.
+BWD_MAX_REGISTERS: int | None = None
+
+
+def _bwd_options() -> dict[str, int]:
+    return {"maxnreg": BWD_MAX_REGISTERS} if BWD_MAX_REGISTERS else {}
 
 
 def _block_d(inner: int, state: int) -> int:
@@ -116,7 +123,7 @@ def _scan_bwd_kernel(
     gu_ptr, gdelta_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gh0_ptr,
     L, DIN, N, K, BT,
     s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_ad, s_an, s_bb, s_bt, s_bn, s_cb, s_ct, s_cn,
-    s_rb, s_rt, s_gb, s_gt, s_gd,
+    s_rb, s_rt, s_gb, s_gt, s_gd, s_vb, s_vt, s_vd,
     HAS_RESET: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
 ):
@@ -158,36 +165,40 @@ def _scan_bwd_kernel(
         cm = tl.load(C_ptr + b * s_cb + t[:, None] * s_ct + offs_n[None, :] * s_cn,
                      mask=mask_tn, other=0.0).to(tl.float32)  # (T, NP)
         h_in = tl.load(starts_ptr + (b * K + k) * DIN * N + state_offs, mask=mask_dn, other=0.0)
+        # Statements ordered so that few (T, BD, NP) tiles are alive at once (registers).
         decay = tl.exp2(dt[:, :, None] * a2[None, :, :])  # (T, BD, NP)
-        decay_next = tl.exp2(dt_next[:, :, None] * a2[None, :, :])
         if HAS_RESET:
             cut = tl.load(reset_ptr + b * s_rb + t * s_rt, mask=mask_t, other=0) != 0
-            cut_next = tl.load(reset_ptr + b * s_rb + (t + 1) * s_rt, mask=mask_next,
-                               other=0) != 0
             decay = tl.where(cut[:, None, None], 0.0, decay)
-            decay_next = tl.where(cut_next[:, None, None], 0.0, decay_next)
         x = (dt * u)[:, :, None] * bm[:, None, :]  # (T, BD, NP)
         first = rows[:, None, None] == 0
         _, hs = tl.associative_scan((decay, tl.where(first, x + decay * h_in[None], x)), 0,
                                     _linear_combine)  # states, rebuilt from the tile start
+        decay_first = tl.sum(tl.where(first, decay, 0.0), axis=0)  # (BD, NP)
+        tl.store(gC_ptr + partial + t[:, None] * N + offs_n[None, :],
+                 tl.sum(hs * gy[:, :, None], axis=1), mask=mask_tn)
         carried = hs - x  # decay_t * h_{t-1}
+        decay_next = tl.exp2(dt_next[:, :, None] * a2[None, :, :])
+        if HAS_RESET:
+            cut_next = tl.load(reset_ptr + b * s_rb + (t + 1) * s_rt, mask=mask_next,
+                               other=0) != 0
+            decay_next = tl.where(cut_next[:, None, None], 0.0, decay_next)
         g_in = cm[:, None, :] * gy[:, :, None]  # (T, BD, NP)
         g_in = tl.where(rows[:, None, None] == T - 1, g_in + carry[None], g_in)
         _, g = tl.associative_scan((decay_next, g_in), 0, _linear_combine, reverse=True)
-        tl.store(gC_ptr + partial + t[:, None] * N + offs_n[None, :],
-                 tl.sum(hs * gy[:, :, None], axis=1), mask=mask_tn)
         tl.store(gB_ptr + partial + t[:, None] * N + offs_n[None, :],
                  tl.sum(g * (dt * u)[:, :, None], axis=1), mask=mask_tn)
-        g_log = g * carried  # dL/d(delta_t A), (T, BD, NP)
         g_bu = tl.sum(g * bm[:, None, :], axis=2)  # dL/d(delta_t u_t), (T, BD)
+        g_log = g * carried  # dL/d(delta_t A), (T, BD, NP)
         grad_delta = g_bu * u + tl.sum(g_log * a_raw[None], axis=2)
         grad_u = g_bu * dt + gy * d_skip[None, :]
-        out = b * L * DIN + t[:, None] * DIN + offs_d[None, :]
-        tl.store(gdelta_ptr + out, grad_delta, mask=mask_td)
-        tl.store(gu_ptr + out, grad_u, mask=mask_td)
+        tl.store(gdelta_ptr + b * L * DIN + t[:, None] * DIN + offs_d[None, :], grad_delta,
+                 mask=mask_td)
+        tl.store(gu_ptr + b * s_vb + t[:, None] * s_vt + offs_d[None, :] * s_vd, grad_u,
+                 mask=mask_td)
         grad_a += tl.sum(g_log * dt[:, :, None], axis=0)
         grad_d += tl.sum(gy * u, axis=0)
-        carry = tl.sum(tl.where(first, g * decay, 0.0), axis=0)  # dL/d(state entering)
+        carry = tl.sum(tl.where(first, g, 0.0), axis=0) * decay_first  # dL/d(state entering)
     tl.store(gA_ptr + b * DIN * N + state_offs, grad_a, mask=mask_dn)
     tl.store(gD_ptr + b * DIN + offs_d, grad_d, mask=mask_d)
     tl.store(gh0_ptr + b * DIN * N + state_offs, carry, mask=mask_dn)
@@ -256,7 +267,7 @@ def _scan_bwd(
     state = A.shape[1]
     tiles, block_d, blocks, np2, warps = _tiles(u, A)
     f32 = dict(device=u.device, dtype=torch.float32)
-    grad_u = torch.empty(batch, length, inner, device=u.device, dtype=u.dtype)
+    grad_u = torch.empty_like(u)  # u's strides: the layer's u is a view of (Bt, Din, L)
     grad_delta = torch.empty(batch, length, inner, device=u.device, dtype=delta.dtype)
     grad_a = torch.empty(batch, inner, state, **f32)  # per row; summed below
     grad_b = torch.empty(blocks, batch, length, state, **f32)  # per channel block
@@ -268,8 +279,8 @@ def _scan_bwd(
         u, delta, A, B, C, D, reset_arg, starts, grad_y, grad_h_last.float().contiguous(),
         grad_u, grad_delta, grad_a, grad_b, grad_c, grad_d, grad_h0,
         length, inner, state, tiles, batch, *_launch_args(u, delta, A, B, C, reset),
-        *_strides3(grad_y), HAS_RESET=reset is not None,
-        T=TIME_TILE, BD=block_d, NP=np2, num_warps=warps,
+        *_strides3(grad_y), *_strides3(grad_u), HAS_RESET=reset is not None,
+        T=TIME_TILE, BD=block_d, NP=np2, num_warps=warps, **_bwd_options(),
     )
     return (grad_u, grad_delta, grad_a.sum(0).to(A.dtype), grad_b.sum(0).to(B.dtype),
             grad_c.sum(0).to(C.dtype), grad_d.sum(0).to(D.dtype), grad_h0)
@@ -334,8 +345,5 @@ def selective_scan_fast(
         if t.dtype not in KERNEL_DTYPES:
             raise ValueError(f"{name}.dtype={t.dtype} is not supported; allowed: {KERNEL_DTYPES}")
     reset = reset.bool() if reset is not None else None
-    # Channels-contiguous u and delta: the kernels' tiles then load whole rows (a no-op when
-    # already so; the Mamba layer's u is a transposed view of its conv output).
-    y, h_last, _ = _scan_fwd(u.contiguous(), delta.contiguous(), A, B, C, D.contiguous(), h0,
-                             reset)
+    y, h_last, _ = _scan_fwd(u, delta, A, B, C, D.contiguous(), h0, reset)
     return y, h_last
