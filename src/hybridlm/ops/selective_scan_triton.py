@@ -44,7 +44,7 @@ TIME_TILE = 16
 PAIRS_PER_PROGRAM = 128
 # Register cap of the backward kernel (None: the compiler's choice); fewer registers let more
 # programs share a multiprocessor, which hides the latency of its cross-warp reductions.
-BWD_MAX_REGISTERS: int | None = None
+BWD_MAX_REGISTERS: int | None = 168
 
 
 def _bwd_options() -> dict[str, int]:
@@ -61,6 +61,11 @@ def _block_d(inner: int, state: int) -> int:
 def _linear_combine(a1, b1, a2, b2):
     """(a1, b1) earlier, (a2, b2) later: x -> a2 (a1 x + b1) + b2."""
     return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _add_pair(a1, b1, a2, b2):
+    return a1 + a2, b1 + b2
 
 
 @triton.jit
@@ -165,32 +170,30 @@ def _scan_bwd_kernel(
         cm = tl.load(C_ptr + b * s_cb + t[:, None] * s_ct + offs_n[None, :] * s_cn,
                      mask=mask_tn, other=0.0).to(tl.float32)  # (T, NP)
         h_in = tl.load(starts_ptr + (b * K + k) * DIN * N + state_offs, mask=mask_dn, other=0.0)
-        # Statements ordered so that few (T, BD, NP) tiles are alive at once (registers).
         decay = tl.exp2(dt[:, :, None] * a2[None, :, :])  # (T, BD, NP)
+        decay_next = tl.exp2(dt_next[:, :, None] * a2[None, :, :])
         if HAS_RESET:
             cut = tl.load(reset_ptr + b * s_rb + t * s_rt, mask=mask_t, other=0) != 0
+            cut_next = tl.load(reset_ptr + b * s_rb + (t + 1) * s_rt, mask=mask_next,
+                               other=0) != 0
             decay = tl.where(cut[:, None, None], 0.0, decay)
-        x = (dt * u)[:, :, None] * bm[:, None, :]  # (T, BD, NP)
+            decay_next = tl.where(cut_next[:, None, None], 0.0, decay_next)
+        dtu = dt * u  # (T, BD)
+        x = dtu[:, :, None] * bm[:, None, :]  # (T, BD, NP)
         first = rows[:, None, None] == 0
         _, hs = tl.associative_scan((decay, tl.where(first, x + decay * h_in[None], x)), 0,
                                     _linear_combine)  # states, rebuilt from the tile start
-        decay_first = tl.sum(tl.where(first, decay, 0.0), axis=0)  # (BD, NP)
-        tl.store(gC_ptr + partial + t[:, None] * N + offs_n[None, :],
-                 tl.sum(hs * gy[:, :, None], axis=1), mask=mask_tn)
-        carried = hs - x  # decay_t * h_{t-1}
-        decay_next = tl.exp2(dt_next[:, :, None] * a2[None, :, :])
-        if HAS_RESET:
-            cut_next = tl.load(reset_ptr + b * s_rb + (t + 1) * s_rt, mask=mask_next,
-                               other=0) != 0
-            decay_next = tl.where(cut_next[:, None, None], 0.0, decay_next)
         g_in = cm[:, None, :] * gy[:, :, None]  # (T, BD, NP)
         g_in = tl.where(rows[:, None, None] == T - 1, g_in + carry[None], g_in)
         _, g = tl.associative_scan((decay_next, g_in), 0, _linear_combine, reverse=True)
-        tl.store(gB_ptr + partial + t[:, None] * N + offs_n[None, :],
-                 tl.sum(g * (dt * u)[:, :, None], axis=1), mask=mask_tn)
-        g_bu = tl.sum(g * bm[:, None, :], axis=2)  # dL/d(delta_t u_t), (T, BD)
-        g_log = g * carried  # dL/d(delta_t A), (T, BD, NP)
-        grad_delta = g_bu * u + tl.sum(g_log * a_raw[None], axis=2)
+        # Paired reductions: one cross-warp exchange for dC and dB, one shuffle tree for the
+        # two sums over the state.
+        part_c, part_b = tl.reduce((hs * gy[:, :, None], g * dtu[:, :, None]), 1, _add_pair)
+        tl.store(gC_ptr + partial + t[:, None] * N + offs_n[None, :], part_c, mask=mask_tn)
+        tl.store(gB_ptr + partial + t[:, None] * N + offs_n[None, :], part_b, mask=mask_tn)
+        g_log = g * (hs - x)  # dL/d(delta_t A) = g_t decay_t h_{t-1}, (T, BD, NP)
+        g_bu, g_a = tl.reduce((g * bm[:, None, :], g_log * a_raw[None]), 2, _add_pair)
+        grad_delta = g_bu * u + g_a  # g_bu = dL/d(delta_t u_t), (T, BD)
         grad_u = g_bu * dt + gy * d_skip[None, :]
         tl.store(gdelta_ptr + b * L * DIN + t[:, None] * DIN + offs_d[None, :], grad_delta,
                  mask=mask_td)
@@ -198,7 +201,7 @@ def _scan_bwd_kernel(
                  mask=mask_td)
         grad_a += tl.sum(g_log * dt[:, :, None], axis=0)
         grad_d += tl.sum(gy * u, axis=0)
-        carry = tl.sum(tl.where(first, g, 0.0), axis=0) * decay_first  # dL/d(state entering)
+        carry = tl.sum(tl.where(first, g * decay, 0.0), axis=0)  # dL/d(state entering)
     tl.store(gA_ptr + b * DIN * N + state_offs, grad_a, mask=mask_dn)
     tl.store(gD_ptr + b * DIN + offs_d, grad_d, mask=mask_d)
     tl.store(gh0_ptr + b * DIN * N + state_offs, carry, mask=mask_dn)
