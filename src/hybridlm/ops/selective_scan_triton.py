@@ -10,9 +10,9 @@ tiles of T steps with its (BD, N) state in registers. Inside a tile the recurren
 by `tl.associative_scan` over time on (T, BD, N) tiles, so no (Bt, L, Din, N) tensor ever
 reaches device memory; everything is computed in fp32 whatever the input dtypes.
 
-Forward writes y, the last state and the state entering every tile ("starts", (Bt, K, Din, N),
-one state per T steps). Backward walks the tiles in reverse, rebuilds each tile's states from
-its start, and runs the adjoint recurrence
+Forward writes y, the last state and the state entering every TS steps ("starts",
+(Bt, KS, Din, N)). Backward walks tiles of TS steps in reverse, rebuilds each tile's states
+from its start, and runs the adjoint recurrence
 
     g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1}      (g_t = dL/dh_t)
 
@@ -23,7 +23,8 @@ Both kernels are wrapped as `torch.library.custom_op`s with fake (meta) implemen
 registered autograd formula, so `torch.compile(fullgraph=True)` traces through them.
 
 Glossary: Bt batch, L sequence length, Din inner channels, N state size (NP: N rounded up to a
-power of two), T time tile, BD channel block, K = ceil(L / T) tiles, P = ceil(Din / BD) blocks.
+power of two), T time tile, TS backward tile (T a multiple of it), K = ceil(L / T) tiles,
+KS = ceil(L / TS) saved states, BD channel block, P = ceil(Din / BD) channel blocks.
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ import triton.language as tl
 from torch import Tensor
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# T: steps per tile. Each thread holds the T steps of one (channel, state) pair for a few
-# (T, BD, NP) tiles; at 16 the backward fits in registers without spilling.
-TIME_TILE = 16
+# Steps per tile. Each thread holds the tile's steps of one (channel, state) pair for a few
+# (T, BD, NP) tiles. The forward walks tiles of FWD_TIME_TILE steps and saves the state
+# entering every BWD_TIME_TILE steps; the backward, with more tiles alive, walks the shorter
+# tiles: fewer registers per thread, more programs per multiprocessor to hide its latency.
+FWD_TIME_TILE = 16
+BWD_TIME_TILE = 4  # divides FWD_TIME_TILE
 # BD * NP per program: one thread per (channel, state) pair in 4 warps, so small batches still
 # spread over every multiprocessor (Bt * Din * N / 128 programs).
 PAIRS_PER_PROGRAM = 128
 # Register cap of the backward kernel (None: the compiler's choice); fewer registers let more
 # programs share a multiprocessor, which hides the latency of its cross-warp reductions.
-BWD_MAX_REGISTERS: int | None = 168
+BWD_MAX_REGISTERS: int | None = None
 
 
 def _bwd_options() -> dict[str, int]:
@@ -72,12 +76,14 @@ def _add_pair(a1, b1, a2, b2):
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, reset_ptr,
     y_ptr, h_last_ptr, starts_ptr,
-    L, DIN, N, K,
+    L, DIN, N, K, KS,
     s_ub, s_ut, s_ud, s_db, s_dt, s_dd, s_ad, s_an, s_bb, s_bt, s_bn, s_cb, s_ct, s_cn,
     s_rb, s_rt,
     HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr,
-    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
+    T: tl.constexpr, TS: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
 ):
+    # K tiles of T steps; the state entering every TS steps goes to starts (Bt, KS, Din, N).
+    SUB: tl.constexpr = T // TS
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BD + tl.arange(0, BD)  # (BD,)
@@ -108,7 +114,7 @@ def _scan_fwd_kernel(
                      mask=mask_tn, other=0.0).to(tl.float32)  # (T, NP)
         cm = tl.load(C_ptr + b * s_cb + t[:, None] * s_ct + offs_n[None, :] * s_cn,
                      mask=mask_tn, other=0.0).to(tl.float32)  # (T, NP)
-        tl.store(starts_ptr + (b * K + k) * DIN * N + state_offs, h, mask=mask_dn)
+        tl.store(starts_ptr + (b * KS + k * SUB) * DIN * N + state_offs, h, mask=mask_dn)
         decay = tl.exp2(dt[:, :, None] * a2[None, :, :])  # (T, BD, NP)
         if HAS_RESET:
             cut = tl.load(reset_ptr + b * s_rb + t * s_rt, mask=mask_t, other=0) != 0
@@ -116,6 +122,10 @@ def _scan_fwd_kernel(
         x = (dt * u)[:, :, None] * bm[:, None, :]  # (T, BD, NP)
         x = tl.where(rows[:, None, None] == 0, x + decay * h[None, :, :], x)  # carry in
         _, hs = tl.associative_scan((decay, x), 0, _linear_combine)  # states h_t
+        for j in tl.static_range(1, SUB):  # states entering the later sub-tiles
+            h_j = tl.sum(tl.where(rows[:, None, None] == j * TS - 1, hs, 0.0), axis=0)
+            tl.store(starts_ptr + (b * KS + k * SUB + j) * DIN * N + state_offs, h_j,
+                     mask=mask_dn & (k * SUB + j < KS))
         y = tl.sum(hs * cm[:, None, :], axis=2) + d_skip[None, :] * u  # (T, BD)
         tl.store(y_ptr + b * L * DIN + t[:, None] * DIN + offs_d[None, :], y, mask=mask_td)
         h = tl.sum(tl.where(rows[:, None, None] == T - 1, hs, 0.0), axis=0)  # last row
@@ -219,12 +229,11 @@ def _launch_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
             *reset_strides)
 
 
-def _tiles(u: Tensor, A: Tensor) -> tuple[int, int, int, int, int]:
-    """K tiles, BD, P channel blocks, NP and warps for u (Bt, L, Din) and A (Din, N)."""
-    length, inner, state = u.shape[1], u.shape[2], A.shape[1]
+def _blocks(u: Tensor, A: Tensor) -> tuple[int, int, int, int]:
+    """BD, P channel blocks, NP and warps for u (Bt, L, Din) and A (Din, N)."""
+    inner, state = u.shape[2], A.shape[1]
     block_d, np2 = _block_d(inner, state), triton.next_power_of_2(state)
-    return (triton.cdiv(length, TIME_TILE), block_d, triton.cdiv(inner, block_d), np2,
-            max(1, min(8, block_d * np2 // 32)))
+    return block_d, triton.cdiv(inner, block_d), np2, max(1, min(8, block_d * np2 // 32))
 
 
 @torch.library.custom_op("hybridlm::selective_scan_fwd", mutates_args=())
@@ -235,17 +244,19 @@ def _scan_fwd(
     """y (Bt, L, Din) in u's dtype, h_last (Bt, Din, N) fp32, starts (Bt, K, Din, N) fp32."""
     batch, length, inner = u.shape
     state = A.shape[1]
-    tiles, block_d, blocks, np2, warps = _tiles(u, A)
+    block_d, blocks, np2, warps = _blocks(u, A)
+    saved = -(-length // BWD_TIME_TILE)
     y = torch.empty(batch, length, inner, device=u.device, dtype=u.dtype)
     h_last = torch.empty(batch, inner, state, device=u.device, dtype=torch.float32)
-    starts = torch.empty(batch, tiles, inner, state, device=u.device, dtype=torch.float32)
+    starts = torch.empty(batch, saved, inner, state, device=u.device, dtype=torch.float32)
     h0_arg = h0.float().contiguous() if h0 is not None else h_last  # unread without HAS_H0
     reset_arg = reset if reset is not None else u  # unread without HAS_RESET
     _scan_fwd_kernel[(blocks, batch)](
         u, delta, A, B, C, D, h0_arg, reset_arg, y, h_last, starts,
-        length, inner, state, tiles, *_launch_args(u, delta, A, B, C, reset),
+        length, inner, state, -(-length // FWD_TIME_TILE), saved,
+        *_launch_args(u, delta, A, B, C, reset),
         HAS_H0=h0 is not None, HAS_RESET=reset is not None,
-        T=TIME_TILE, BD=block_d, NP=np2, num_warps=warps,
+        T=FWD_TIME_TILE, TS=BWD_TIME_TILE, BD=block_d, NP=np2, num_warps=warps,
     )
     return y, h_last, starts
 
@@ -254,7 +265,7 @@ def _scan_fwd(
 def _(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
       h0: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     batch, length, inner = u.shape
-    tiles = -(-length // TIME_TILE)
+    tiles = -(-length // BWD_TIME_TILE)
     return (u.new_empty(batch, length, inner),
             u.new_empty(batch, inner, A.shape[1], dtype=torch.float32),
             u.new_empty(batch, tiles, inner, A.shape[1], dtype=torch.float32))
@@ -268,7 +279,7 @@ def _scan_bwd(
     """Gradients of (u, delta, A, B, C, D, h0), each in its input's dtype (h0's in fp32)."""
     batch, length, inner = u.shape
     state = A.shape[1]
-    tiles, block_d, blocks, np2, warps = _tiles(u, A)
+    block_d, blocks, np2, warps = _blocks(u, A)
     f32 = dict(device=u.device, dtype=torch.float32)
     grad_u = torch.empty_like(u)  # u's strides: the layer's u is a view of (Bt, Din, L)
     grad_delta = torch.empty(batch, length, inner, device=u.device, dtype=delta.dtype)
@@ -281,9 +292,9 @@ def _scan_bwd(
     _scan_bwd_kernel[(blocks, batch)](
         u, delta, A, B, C, D, reset_arg, starts, grad_y, grad_h_last.float().contiguous(),
         grad_u, grad_delta, grad_a, grad_b, grad_c, grad_d, grad_h0,
-        length, inner, state, tiles, batch, *_launch_args(u, delta, A, B, C, reset),
+        length, inner, state, starts.shape[1], batch, *_launch_args(u, delta, A, B, C, reset),
         *_strides3(grad_y), *_strides3(grad_u), HAS_RESET=reset is not None,
-        T=TIME_TILE, BD=block_d, NP=np2, num_warps=warps, **_bwd_options(),
+        T=BWD_TIME_TILE, BD=block_d, NP=np2, num_warps=warps, **_bwd_options(),
     )
     return (grad_u, grad_delta, grad_a.sum(0).to(A.dtype), grad_b.sum(0).to(B.dtype),
             grad_c.sum(0).to(C.dtype), grad_d.sum(0).to(D.dtype), grad_h0)
