@@ -146,7 +146,13 @@ def run(shapes: tuple[tuple[int, int], ...] = SHAPES, iters: int = 20,
               "copy_gbs": copy_bandwidth_gbs(), "rows": []}
     try:
         import triton
+
+        from hybridlm.ops import selective_scan_triton as kernels
         result["triton"] = triton.__version__
+        result["kernel_tiles"] = {"fwd_time_tile": kernels.FWD_TIME_TILE,
+                                  "bwd_time_tile": kernels.BWD_TIME_TILE,
+                                  "pairs_per_program": kernels.PAIRS_PER_PROGRAM,
+                                  "bwd_max_registers": kernels.BWD_MAX_REGISTERS}
     except ImportError:
         result["triton"] = None
     for batch, length in shapes:

@@ -31,8 +31,8 @@ def selective_scan(
 ) -> tuple[Tensor, Tensor]:
     """y (Bt, L, Din), h_last (Bt, Din, N) = scan(u, delta, A, B, C, D, h0, reset).
 
-    Shapes as `selective_scan_chunked`. The kernels run for CUDA tensors in fp32, bf16 or fp16
-    (fp64, used by gradcheck, always takes the reference)."""
+    Shapes as `selective_scan_chunked`. The kernels run for CUDA tensors in fp32 or bf16 (u,
+    delta, B, C); other dtypes (fp64 for gradcheck, fp16) take the reference."""
     if (selective_scan_fast is not None and fast_path_enabled(u)
             and all(t.dtype in KERNEL_DTYPES for t in (u, delta, B, C))):
         return selective_scan_fast(u, delta, A, B, C, D, h0, chunk_size, reset)
