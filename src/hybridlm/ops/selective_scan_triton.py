@@ -76,6 +76,13 @@ def _add_pair(a1, b1, a2, b2):
 
 
 @triton.jit
+def _load_rows(ptr, s_b, s_t, s_c, b, t, cols, mask):
+    """Rows t (T,) of batch row b at columns cols (W,), as fp32, masked entries 0: (T, W)."""
+    return tl.load(ptr + b * s_b + t[:, None] * s_t + cols[None, :] * s_c, mask=mask,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, reset_ptr,
     y_ptr, h_last_ptr, starts_ptr,
@@ -109,14 +116,10 @@ def _scan_fwd_kernel(
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_tn = mask_t[:, None] & mask_n[None, :]
         # Rows past L load delta = 0: decay 1 and input 0, so the state rides through them.
-        u = tl.load(u_ptr + b * s_ub + t[:, None] * s_ut + offs_d[None, :] * s_ud,
-                    mask=mask_td, other=0.0).to(tl.float32)  # (T, BD)
-        dt = tl.load(delta_ptr + b * s_db + t[:, None] * s_dt + offs_d[None, :] * s_dd,
-                     mask=mask_td, other=0.0).to(tl.float32)  # (T, BD)
-        bm = tl.load(B_ptr + b * s_bb + t[:, None] * s_bt + offs_n[None, :] * s_bn,
-                     mask=mask_tn, other=0.0).to(tl.float32)  # (T, NP)
-        cm = tl.load(C_ptr + b * s_cb + t[:, None] * s_ct + offs_n[None, :] * s_cn,
-                     mask=mask_tn, other=0.0).to(tl.float32)  # (T, NP)
+        u = _load_rows(u_ptr, s_ub, s_ut, s_ud, b, t, offs_d, mask_td)  # (T, BD)
+        dt = _load_rows(delta_ptr, s_db, s_dt, s_dd, b, t, offs_d, mask_td)  # (T, BD)
+        bm = _load_rows(B_ptr, s_bb, s_bt, s_bn, b, t, offs_n, mask_tn)  # (T, NP)
+        cm = _load_rows(C_ptr, s_cb, s_ct, s_cn, b, t, offs_n, mask_tn)  # (T, NP)
         tl.store(starts_ptr + (b * KS + k * SUB) * DIN * N + state_offs, h, mask=mask_dn)
         decay = tl.exp2(dt[:, :, None] * a2[None, :, :])  # (T, BD, NP)
         if HAS_RESET:
@@ -169,19 +172,13 @@ def _scan_bwd_kernel(
         mask_next = t + 1 < L
         mask_td = mask_t[:, None] & mask_d[None, :]
         mask_tn = mask_t[:, None] & mask_n[None, :]
-        u = tl.load(u_ptr + b * s_ub + t[:, None] * s_ut + offs_d[None, :] * s_ud,
-                    mask=mask_td, other=0.0).to(tl.float32)  # (T, BD)
-        dt = tl.load(delta_ptr + b * s_db + t[:, None] * s_dt + offs_d[None, :] * s_dd,
-                     mask=mask_td, other=0.0).to(tl.float32)  # (T, BD)
-        dt_next = tl.load(delta_ptr + b * s_db + (t[:, None] + 1) * s_dt
-                          + offs_d[None, :] * s_dd, mask=mask_next[:, None] & mask_d[None, :],
-                          other=0.0).to(tl.float32)  # delta_{t+1}, (T, BD)
-        gy = tl.load(gy_ptr + b * s_gb + t[:, None] * s_gt + offs_d[None, :] * s_gd,
-                     mask=mask_td, other=0.0).to(tl.float32)  # (T, BD)
-        bm = tl.load(B_ptr + b * s_bb + t[:, None] * s_bt + offs_n[None, :] * s_bn,
-                     mask=mask_tn, other=0.0).to(tl.float32)  # (T, NP)
-        cm = tl.load(C_ptr + b * s_cb + t[:, None] * s_ct + offs_n[None, :] * s_cn,
-                     mask=mask_tn, other=0.0).to(tl.float32)  # (T, NP)
+        u = _load_rows(u_ptr, s_ub, s_ut, s_ud, b, t, offs_d, mask_td)  # (T, BD)
+        dt = _load_rows(delta_ptr, s_db, s_dt, s_dd, b, t, offs_d, mask_td)  # (T, BD)
+        dt_next = _load_rows(delta_ptr, s_db, s_dt, s_dd, b, t + 1, offs_d,
+                             mask_next[:, None] & mask_d[None, :])  # delta_{t+1}, (T, BD)
+        gy = _load_rows(gy_ptr, s_gb, s_gt, s_gd, b, t, offs_d, mask_td)  # (T, BD)
+        bm = _load_rows(B_ptr, s_bb, s_bt, s_bn, b, t, offs_n, mask_tn)  # (T, NP)
+        cm = _load_rows(C_ptr, s_cb, s_ct, s_cn, b, t, offs_n, mask_tn)  # (T, NP)
         h_in = tl.load(starts_ptr + (b * K + k) * DIN * N + state_offs, mask=mask_dn, other=0.0)
         decay = tl.exp2(dt[:, :, None] * a2[None, :, :])  # (T, BD, NP)
         decay_next = tl.exp2(dt_next[:, :, None] * a2[None, :, :])
