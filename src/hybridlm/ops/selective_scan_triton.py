@@ -148,6 +148,7 @@ def _scan_bwd_kernel(
     HAS_RESET: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
 ):
+    # K tiles of T steps (the forward's TS), walked last to first; starts holds one per tile.
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BD + tl.arange(0, BD)  # (BD,)
@@ -241,7 +242,7 @@ def _scan_fwd(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h0: Tensor | None,
     reset: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """y (Bt, L, Din) in u's dtype, h_last (Bt, Din, N) fp32, starts (Bt, K, Din, N) fp32."""
+    """y (Bt, L, Din) in u's dtype, h_last (Bt, Din, N) fp32, starts (Bt, KS, Din, N) fp32."""
     batch, length, inner = u.shape
     state = A.shape[1]
     block_d, blocks, np2, warps = _blocks(u, A)
