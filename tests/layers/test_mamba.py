@@ -227,11 +227,11 @@ def test_key_recall_fails_when_the_ssm_state_is_reset_every_step(monkeypatch):
     # token leaves only the conv's CONV-token window, so the key can't be recalled.
     from hybridlm.layers import mamba as mamba_module
 
-    scan = mamba_module.selective_scan_chunked
+    scan = mamba_module.selective_scan
 
     def forgetful_scan(u, *args, reset=None):
         return scan(u, *args, reset=torch.ones(u.shape[:2], dtype=torch.bool))
 
-    monkeypatch.setattr(mamba_module, "selective_scan_chunked", forgetful_scan)
+    monkeypatch.setattr(mamba_module, "selective_scan", forgetful_scan)
     loss = _held_out_recall_loss_after_training()
     assert loss > 0.9 * math.log(KEYS), loss

@@ -99,13 +99,13 @@ def test_mamba_step_sizes_run_in_fp32_under_bf16_autocast(monkeypatch):
     model = HybridLM(ModelConfig(**config))
     mixer = model.layers[0].mixer
     seen = {}
-    scan = mamba_module.selective_scan_chunked
+    scan = mamba_module.selective_scan
 
     def recording_scan(u, delta, *args, **kwargs):
         seen["delta"] = delta
         return scan(u, delta, *args, **kwargs)
 
-    monkeypatch.setattr(mamba_module, "selective_scan_chunked", recording_scan)
+    monkeypatch.setattr(mamba_module, "selective_scan", recording_scan)
     mixer.x_proj.register_forward_hook(lambda m, i, out: seen.update(x_proj=out))
     ids = torch.randint(0, 61, (2, 12))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

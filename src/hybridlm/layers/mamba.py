@@ -26,7 +26,7 @@ from torch import nn
 from hybridlm.config import ModelConfig
 from hybridlm.layers.cache_rows import RowLengths, advanced
 from hybridlm.layers.rope import segment_starts
-from hybridlm.ops import selective_scan_chunked, selective_scan_step
+from hybridlm.ops import selective_scan, selective_scan_step
 
 DT_MIN, DT_MAX = 0.001, 0.1  # range of the initial step sizes softplus(dt_proj.bias)
 DT_FLOOR = 1e-4  # smallest initial step (as mamba_ssm's dt_init_floor)
@@ -150,8 +150,8 @@ class Mamba(nn.Module):
             y = y[:, None]  # (B, 1, Din)
         else:
             h0 = cache.ssm_state if cache is not None else None
-            y, h = selective_scan_chunked(xs, delta, a, b, c, self.D, h0, self.chunk_size,
-                                          reset=starts)
+            y, h = selective_scan(xs, delta, a, b, c, self.D, h0, self.chunk_size,
+                                  reset=starts)
         if cache is not None:
             cache.ssm_state.copy_(h.detach())
             cache.lengths = advanced(cache.lengths, seq, cache.input_lengths)

@@ -15,6 +15,7 @@ from hybridlm.ops.linear_cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_reference,
 )
+from hybridlm.ops.scan import selective_scan
 from hybridlm.ops.selective_scan import (
     selective_scan_chunked,
     selective_scan_sequential,
@@ -28,6 +29,7 @@ __all__ = [
     "grouped_swiglu",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "selective_scan",
     "selective_scan_chunked",
     "selective_scan_sequential",
     "selective_scan_step",
