@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,9 +49,11 @@ def compile_model(model: nn.Module, quick: bool) -> nn.Module:
 
 
 def training_step(model: nn.Module, forward: Callable[..., object], device: torch.device,
-                  after_step: Callable[[], None] | None = None) -> Callable[[torch.Tensor], None]:
+                  after_step: Callable[[], None] | None = None,
+                  forward_kwargs: dict[str, Any] | None = None) -> Callable[[torch.Tensor], None]:
     """A function of ids (B, T) that runs one optimizer step of `model` through `forward`
-    (the model itself or its compiled form)."""
+    (the model itself or its compiled form), called with `forward_kwargs` besides the ids."""
+    extra = forward_kwargs or {}
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -58,7 +61,7 @@ def training_step(model: nn.Module, forward: Callable[..., object], device: torc
 
     def step(ids: torch.Tensor) -> None:
         with autocast:
-            loss = forward(input_ids=ids, labels=ids).loss
+            loss = forward(input_ids=ids, labels=ids, **extra).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -71,11 +74,12 @@ def training_step(model: nn.Module, forward: Callable[..., object], device: torc
 def measure_training(
     model: nn.Module, device: torch.device, *, batch: int, seq: int, vocab: int,
     flops: float, compiled: bool, quick: bool, after_step: Callable[[], None] | None = None,
+    forward_kwargs: dict[str, Any] | None = None,
 ) -> Measured:
     """tokens/s of `model`'s training step on (batch, seq) ids, with MFU (`flops` per token)
     and the peak memory in the extras."""
     forward = compile_model(model, quick) if compiled else model
-    step = training_step(model, forward, device, after_step)
+    step = training_step(model, forward, device, after_step, forward_kwargs)
     ids = [(torch.randint(0, vocab, (batch, seq), device=device),) for _ in range(BATCHES)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -101,4 +105,5 @@ def measure_hybridlm(cfg: ModelConfig, device: torch.device, *, batch: int, seq:
                             cfg.hidden_size, seq)
     return measure_training(model, device, batch=batch, seq=seq, vocab=cfg.vocab_size,
                             flops=flops, compiled=compiled, quick=quick,
-                            after_step=model.balance_step)
+                            after_step=model.balance_step,
+                            forward_kwargs={"return_logits": False})  # as the trainer calls it
