@@ -45,10 +45,10 @@ def build(case: str) -> HybridLM:
     return model
 
 
-def loss_and_grads(run, model: HybridLM, ids: torch.Tensor):
+def loss_and_grads(run, model: HybridLM, ids: torch.Tensor, **kwargs):
     """One forward + backward of `run` (the model or its compiled wrapper) -> output, grads."""
     model.zero_grad(set_to_none=True)
-    out = run(ids, labels=ids)
+    out = run(ids, labels=ids, **kwargs)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads
@@ -68,6 +68,20 @@ def test_the_model_compiles_fullgraph_and_matches_eager(case):
     if case == "topk_capacity":
         assert sum(int(d) for d in compiled.aux["dropped_tokens"]) > 0  # capacity did drop
     assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_loss_only_forward_compiles_fullgraph_as_the_trainer_calls_it():
+    """return_logits=False (the trainer's call): eager takes the fused chunked head, the
+    compiled graph the plain head and loss; both give the same loss and gradients."""
+    model = build("topk_capacity")
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+    eager, eager_grads = loss_and_grads(model, model, ids, return_logits=False)
+    compiled_model = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled, compiled_grads = loss_and_grads(compiled_model, model, ids, return_logits=False)
+    assert compiled.logits is None
+    torch.testing.assert_close(compiled.loss, eager.loss, atol=1e-5, rtol=1e-5)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 

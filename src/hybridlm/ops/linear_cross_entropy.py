@@ -49,9 +49,11 @@ def linear_cross_entropy(
     `F.cross_entropy(F.linear(hidden, weight).float(), targets)` does. chunk_size: rows per
     chunk (None: about 2**27 logits a chunk on a GPU, 2**22 on a CPU). On a GPU with Triton
     each chunk's loss and logits gradient take one kernel (`cross_entropy_kernel`).
-    `ops.use_impl("reference")` takes the twin."""
+    `ops.use_impl("reference")` takes the twin, and so does a graph being compiled: the
+    hand-written autograd Function (fp32 out= products on a GPU) does not trace, while the
+    compiler fuses the plain head and loss itself."""
     _check(hidden, weight, targets, reduction, chunk_size)
-    if current_impl() == "reference":
+    if current_impl() == "reference" or torch.compiler.is_compiling():
         return linear_cross_entropy_reference(
             hidden, weight, targets, ignore_index=ignore_index, reduction=reduction
         )
