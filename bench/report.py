@@ -1,9 +1,11 @@
 """The table of a bench run: plain text for the terminal, Markdown for bench/RESULTS.md.
 
-    python -m bench.report results.json > bench/RESULTS.md
+    python -m bench.report results.json [more.json ...] > bench/RESULTS.md
 
 Reads the JSON that `python -m bench.all --out` writes, so RESULTS.md is never edited by
-hand. The Markdown adds the run's device, versions and command, and the issue's targets,
+hand. Further files complete the first with the benchmarks it lacks (a run cut short by its
+time limit, finished by `--only` on the same machine); each run's date and command are listed,
+and ratios only ever compare figures of one run, since every row carries its own peer. The Markdown adds the run's device, versions and command, and the issue's targets,
 each with its measured figure and whether it is met.
 """
 
@@ -119,8 +121,26 @@ def interquartile(row: dict[str, Any]) -> str:
     return f"{number(low)} – {number(high)}"
 
 
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run, with the rows of each benchmark it lacks taken from the later runs (the
+    first run that has it); `later_runs` records where they came from."""
+    results = {**runs[0], "rows": list(runs[0]["rows"]),
+               "benchmarks": list(runs[0]["benchmarks"]), "later_runs": []}
+    for run in runs[1:]:
+        added = [name for name in run["benchmarks"] if name not in results["benchmarks"]]
+        if not added:
+            continue
+        results["rows"] += [row for row in run["rows"] if row["benchmark"] in added]
+        results["benchmarks"] += added
+        results["later_runs"].append({"date": run["date"], "command": run["command"],
+                                      "device": run["device"]["name"], "benchmarks": added})
+    return results
+
+
 def markdown(results: dict[str, Any]) -> str:
     device, versions = results["device"], results["versions"]
+    later = [f"- then {run['benchmarks']} on {run['device']}, {run['date']}: "
+             f"`{run['command']}`" for run in results.get("later_runs", [])]
     rows = ordered(results["rows"])
     spread = [[*cells(row)[:2], interquartile(row), *cells(row)[2:]] for row in rows]
     header = [*COLUMNS[:2], "IQR", *COLUMNS[2:]]
@@ -137,6 +157,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"- date: {results['date']}",
         f"- command: `{results['command']}`" + (" (quick sizes)" if results["quick"] else ""),
         f"- benchmarks: {', '.join(results['benchmarks'])} ({results['elapsed_s']:.0f} s)",
+        *later,
         *([f"- not in this run: {', '.join(missing)}"] if missing else []),
         "",
         *markdown_table(header, spread),
@@ -157,9 +178,9 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        sys.exit("usage: python -m bench.report results.json > bench/RESULTS.md")
-    sys.stdout.write(markdown(json.loads(Path(args[0]).read_text())))
+    if not args:
+        sys.exit("usage: python -m bench.report results.json [more.json ...] > bench/RESULTS.md")
+    sys.stdout.write(markdown(combine([json.loads(Path(a).read_text()) for a in args])))
 
 
 if __name__ == "__main__":

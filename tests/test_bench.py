@@ -87,3 +87,22 @@ def test_only_refuses_unknown_benchmarks(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--only", "ceilings,warp_drive"])
     assert "unknown benchmarks ['warp_drive']" in capsys.readouterr().err
+
+
+def run_dict(benchmarks: list[str], value: float, date: str) -> dict:
+    return {"date": date, "command": "python -m bench.all", "device": {"name": "gpu"},
+            "benchmarks": benchmarks, "rows": [
+                row_dict(benchmark=name, name=f"{name} row", value=value) for name in benchmarks]}
+
+
+def test_later_runs_fill_only_the_benchmarks_the_first_lacks():
+    first = run_dict(["ceilings", "train_187m"], 1.0, "d1")
+    second = run_dict(["train_187m", "train_nexus"], 2.0, "d2")
+    combined = report.combine([first, second])
+    values = {row["benchmark"]: row["value"] for row in combined["rows"]}
+    assert values == {"ceilings": 1.0, "train_187m": 1.0, "train_nexus": 2.0}
+    assert combined["benchmarks"] == ["ceilings", "train_187m", "train_nexus"]
+    assert combined["later_runs"] == [{"date": "d2", "command": "python -m bench.all",
+                                       "device": "gpu", "benchmarks": ["train_nexus"]}]
+    assert first["rows"] == [row_dict(benchmark=n, name=f"{n} row", value=1.0)
+                             for n in ["ceilings", "train_187m"]]  # the input is not changed

@@ -42,6 +42,7 @@ from torch import nn
 from hybridlm.config import MOE_SCORES, ModelConfig
 from hybridlm.layers.experts import GroupedExperts
 from hybridlm.layers.mlp import SharedExperts
+from hybridlm.layers.recompute import recomputing
 from hybridlm.layers.routing import Router, Routing, count_per_expert
 from hybridlm.registry import router_entry
 
@@ -322,7 +323,7 @@ class MoEMLP(nn.Module):
         if self.shared is not None:
             y = y + self.shared(flat)
 
-        if self.training:
+        if self.training and not recomputing():  # counted once under activation checkpointing
             with torch.no_grad():
                 self.load_since_balance += routing.selected
 

@@ -46,6 +46,7 @@ PARALLEL = ("none", "ddp", "fsdp")
 RESUMABLE_CHANGES = frozenset({
     "out", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every",
     "device", "max_minutes", "compile", "parallel", "micro_batch_size", "steps", "progress",
+    "activation_checkpointing",
 })
 
 
@@ -81,6 +82,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     compile: bool = False  # torch.compile the model (fullgraph; per block under FSDP)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory
+    #                                         for long sequences, about one more forward
     parallel: str = "none"  # "none" | "ddp" | "fsdp" (under torchrun)
     progress: bool = True  # progress bar on rank 0
 
@@ -90,6 +93,11 @@ class TrainConfig:
     def validate(self) -> None:
         check_fields(self, FIELD_RULES)  # every field's type and range, see FIELD_RULES
         # Relations between fields:
+        if self.compile and self.activation_checkpointing:
+            raise ConfigError(
+                "compile=true with activation_checkpointing=true is not supported: a compiled "
+                "checkpointed block cannot update the MoE load counts; choose one of the two"
+            )
         if self.schedule == "restarts":
             steps = self.restart_steps
             if not steps or sorted(set(steps)) != list(steps):

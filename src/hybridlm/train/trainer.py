@@ -36,6 +36,7 @@ from hybridlm.eval import evaluate
 from hybridlm.model import HybridLM, count_targets
 from hybridlm.outputs import claim_run_dir, copy_file_atomic, staged_file
 from hybridlm.parallel import DistContext, init_distributed, shutdown, sum_over_ranks, wrap
+from hybridlm.train.activation_checkpointing import checkpoint_blocks
 from hybridlm.train.checkpoint import (
     checkpoint_step,
     latest_checkpoint,
@@ -491,6 +492,8 @@ def _set_up_loop(cfg: TrainConfig, ctx: DistContext, inputs: RunInputs) -> _Loop
     plain: HybridLM = model
     if ctx.is_main:
         warn_if_training_loss_not_causal(plain, inputs.val_tokens is not None)
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model.layers)
     if cfg.compile:
         compile_model(model, ctx.parallel)
     model = wrap(model, ctx, device)
