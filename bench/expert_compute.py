@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from bench.timing import cuda_median_ms
 from hybridlm import ops
 from hybridlm.config import ModelConfig
 from hybridlm.layers.mlp import SwiGLU
@@ -29,24 +29,13 @@ from hybridlm.layers.token_routed import TokenRoutedMLP
 D, WIDTH, EXPERTS, TOP_K, TOKENS, VOCAB = 1024, 2816, 8, 2, 16384, 32000
 
 
-def median_ms(fn: Callable[[], None], warmup: int = 3, repeat: int = 15) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def timed(fn) -> float:
+    return cuda_median_ms(fn, repeats=15)
 
 
 def matmul_ms(size: int) -> float:
     mat = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    return median_ms(lambda: mat @ mat)
+    return timed(lambda: mat @ mat)
 
 
 def fwd_bwd(module: nn.Module, x: torch.Tensor, **kwargs) -> Callable[[], None]:
@@ -106,13 +95,13 @@ def rows(compile_too: bool) -> dict[str, float]:
         if module is None:
             continue
         module = module.to(dev, bf16).train()
-        record(f"{name} eager", median_ms(fwd_bwd(module, x, **kwargs)))
+        record(f"{name} eager", timed(fwd_bwd(module, x, **kwargs)))
         if name == "learned top-2 E8 ff2816":
             with ops.use_impl("reference"):
-                record(f"{name} eager, loop reference", median_ms(fwd_bwd(module, x, **kwargs)))
+                record(f"{name} eager, loop reference", timed(fwd_bwd(module, x, **kwargs)))
         if compile_too and not name.startswith(("HF", "learned top-2 E8 ff2816 capacity")):
             compiled = torch.compile(module, fullgraph=True)
-            record(f"{name} compiled", median_ms(fwd_bwd(compiled, x, **kwargs)))
+            record(f"{name} compiled", timed(fwd_bwd(compiled, x, **kwargs)))
     return results
 
 

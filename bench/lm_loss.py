@@ -3,7 +3,7 @@
 whole `complexity-deep-187m` forward + backward with and without `return_logits=False`; and
 first the demo's sizes on the CPU (fp32, wall clock).
 
-    python bench/lm_loss.py --out loss.json   # on a CUDA machine
+    python -m bench.lm_loss --out loss.json   # on a CUDA machine
 
 Each row: median milliseconds of forward + backward (CUDA events, after warm-up), the peak
 memory above what the inputs hold, and the error of the loss and gradients against the plain
@@ -19,24 +19,11 @@ import time
 
 import torch
 
+from bench.timing import cuda_median_ms
 from hybridlm import HybridLM, ModelConfig
 from hybridlm.ops import linear_cross_entropy, linear_cross_entropy_reference
 
 TOKENS, HIDDEN, VOCAB = 8 * 2048, 768, 32000
-
-
-def median_ms(fn, repeats: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def peak_mib(fn) -> float:
@@ -81,7 +68,7 @@ def loss_rows() -> list[dict]:
 
         try:
             got = step()
-            ms, mib = median_ms(step), peak_mib(step)
+            ms, mib = cuda_median_ms(step), peak_mib(step)
         except Exception as err:  # a peer that fails to run is reported, not fatal
             rows.append({"name": name, "error": repr(err)[:200]})
             continue
@@ -103,7 +90,7 @@ def model_rows() -> list[dict]:
                 out = model(ids, labels=ids, return_logits=return_logits)
             out.loss.backward()
 
-        ms = median_ms(step, repeats=5)
+        ms = cuda_median_ms(step, repeats=5)
         rows.append({"name": f"187m fwd+bwd return_logits={return_logits}", "ms": ms,
                      "tokens_per_s": ids.numel() / ms * 1e3, "peak_mib": peak_mib(step)})
     return rows

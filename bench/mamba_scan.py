@@ -6,7 +6,7 @@ iterations, after warm-up) in one process: first with `ops.use_impl("reference")
 pure-torch scan), then with the default dispatch (the Triton kernels). Before timing, the fast
 paths are checked against the reference on the same inputs (relative error by norm).
 
-    python bench/mamba_scan.py --out mamba_scan.json          # on a CUDA machine
+    python -m bench.mamba_scan --out mamba_scan.json          # on a CUDA machine
 
 Prints a table and writes every number to --out as JSON. `run()` returns the same dict.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,27 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+from bench.timing import cuda_median_ms  # noqa: E402
 from hybridlm import ops  # noqa: E402
 from hybridlm.config import ModelConfig  # noqa: E402
 from hybridlm.layers.mamba import Mamba  # noqa: E402
 
 HIDDEN, STATE = 768, 16
 SHAPES = ((8, 2048), (2, 8192))  # (batch, length): 16,384 tokens each
-
-
-def cuda_ms(fn: Callable[[], object], iters: int, warmup: int = 2) -> float:
-    """Median milliseconds of fn() over `iters` runs, each bracketed by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -118,14 +103,15 @@ def measure_shape(batch: int, length: int, iters: int, ref_iters: int) -> dict:
     with ops.use_impl("reference"):
         ref_layer = [t.clone() for t in step()]
         ref_scan = [t.clone() for t in fwd_bwd()]
-        row["ref_mixer_ms"] = cuda_ms(step, ref_iters, warmup=1)
-        row["ref_scan_fwd_bwd_ms"] = cuda_ms(fwd_bwd, ref_iters, warmup=1)
+        row["ref_mixer_ms"] = cuda_median_ms(step, ref_iters, warmup=1)
+        row["ref_scan_fwd_bwd_ms"] = cuda_median_ms(fwd_bwd, ref_iters, warmup=1)
     row["mixer_max_rel_error"] = compare(step(), ref_layer)
     row["scan_max_rel_error"] = compare(fwd_bwd(), ref_scan)
-    row["mixer_ms"] = cuda_ms(step, iters)
-    row["mixer_repeat_ms"] = cuda_ms(step, iters)  # the same again: the run-to-run spread
-    row["scan_fwd_ms"] = cuda_ms(fwd, iters)
-    row["scan_fwd_bwd_ms"] = cuda_ms(fwd_bwd, iters)
+    row["mixer_ms"] = cuda_median_ms(step, iters, warmup=2)
+    # the same again: the run-to-run spread
+    row["mixer_repeat_ms"] = cuda_median_ms(step, iters, warmup=2)
+    row["scan_fwd_ms"] = cuda_median_ms(fwd, iters, warmup=2)
+    row["scan_fwd_bwd_ms"] = cuda_median_ms(fwd_bwd, iters, warmup=2)
     for key in ("mixer", "ref_mixer"):
         row[f"{key}_tokens_per_s"] = tokens / (row[f"{key}_ms"] / 1e3)
     return row
@@ -135,7 +121,7 @@ def copy_bandwidth_gbs() -> float:
     """Device-to-device copy, bytes read plus written per second: the memory ceiling."""
     src = torch.randn(256 * 2**20 // 4, device="cuda")
     dst = torch.empty_like(src)
-    ms = cuda_ms(lambda: dst.copy_(src), 20)
+    ms = cuda_median_ms(lambda: dst.copy_(src), 20, warmup=2)
     return 2 * src.numel() * 4 / (ms / 1e3) / 1e9
 
 

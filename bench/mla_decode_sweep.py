@@ -1,7 +1,7 @@
 """MLA decode on a GPU: one `corvus-mla` layer, batch 8, 32,768 cached tokens, bf16, against a
 1 GiB device copy.
 
-    python bench/mla_decode_sweep.py --out mla.json   # on a CUDA machine
+    python -m bench.mla_decode_sweep --out mla.json   # on a CUDA machine
 
 Times one decode step of the layer (projections included) for the absorbed path (the
 default implementation, and with `ops.use_impl("reference")`) and the plain one. The bytes a
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
+from bench.timing import cuda_median_ms
 from hybridlm import ops
 from hybridlm.config import ModelConfig
 from hybridlm.layers.mla import MultiHeadLatentAttention
@@ -25,25 +25,11 @@ BATCH, CACHED = 8, 32768
 DEVICE = "cuda"
 
 
-def median_ms(fn, repeats: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def copy_gbps() -> float:
     """A 1 GiB device-to-device copy, counting bytes read plus bytes written."""
     src = torch.randn(2**28, device="cuda")  # 1 GiB of fp32
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), repeats=20)
+    ms = cuda_median_ms(lambda: dst.copy_(src), repeats=20, warmup=5)
     return 2 * src.numel() * 4 / ms / 1e6
 
 
@@ -109,7 +95,7 @@ def kernel_sweep(copy: float) -> list[dict]:
                                       num_stages=s, programs_per_sm=p)
 
         try:
-            ms = median_ms(step, repeats=30)
+            ms = cuda_median_ms(step, repeats=30, warmup=5)
         except Exception as err:  # a tile too large for shared memory, say
             rows.append({"name": name, "error": repr(err)[:100]})
             continue
@@ -132,14 +118,14 @@ def main() -> None:
                                "reference"), ("plain", False, "auto")):
         step, read = decode_step(absorb)
         with ops.use_impl(impl):
-            ms, busy = median_ms(step), gpu_busy_ms(step)
+            ms, busy = cuda_median_ms(step, repeats=50, warmup=5), gpu_busy_ms(step)
         gbps = read / ms / 1e6
         rows.append({"name": f"{args.label} {name}".strip(), "ms": ms, "read_gb": read / 1e9,
                      "gbps": gbps, "pct_of_copy": 100 * gbps / copy, "gpu_busy_ms": busy})
     for impl in ("auto", "reference"):
         step, read = attention_alone()
         with ops.use_impl(impl):
-            ms = median_ms(step)
+            ms = cuda_median_ms(step, repeats=50, warmup=5)
         gbps = read / ms / 1e6
         rows.append({"name": f"{args.label} attention op alone, {impl}".strip(), "ms": ms,
                      "read_gb": read / 1e9, "gbps": gbps, "pct_of_copy": 100 * gbps / copy})

@@ -168,3 +168,20 @@ def peer_row(benchmark: str, name: str, unit: str, ours: tuple[Measured | None, 
         peer_name, theirs.value if theirs else None, theirs.spread if theirs else None,
         note, error, peer_error, extra,
     )
+
+
+def cuda_median_ms(fn: Callable[[], object], repeats: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds of fn() over `repeats` runs, each between two CUDA events, after
+    `warmup` untimed runs (the standalone scripts' timer; `measure` is bench.all's)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
