@@ -60,6 +60,13 @@ class ModelCache:
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Empty rows (R,) long of every layer cache, as in a new cache; other rows keep
+        their state (a slot of a continuous-batching pool handed to a new sequence)."""
+        self.lengths = self.lengths.index_fill(0, rows.to(self.lengths.device), 0)
+        for layer in self.layers:
+            layer.reset_rows(rows)
+
     @contextlib.contextmanager
     def feeding(self, input_lengths: torch.Tensor | None) -> Iterator[None]:
         """Tell every layer cache how many tokens of the call are real per row (None: all)."""

@@ -1,1 +1,1 @@
-"""Inference: sampling and generation with caches."""
+"""Inference: sampling and generation with caches, and the continuous-batching engine."""

@@ -44,6 +44,12 @@ class RowLengths:
         """The tokens every row holds (ValueError when rows differ: read `lengths`)."""
         return common_length(self.lengths)
 
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Empty rows (R,) long: their lengths go to 0, so their old slots are never read
+        again (attention masks slots past a row's length; later writes overwrite them).
+        Caches with a recurrent state also zero it (see MambaCache)."""
+        self.lengths = self.lengths.index_fill(0, rows.to(self.lengths.device), 0)
+
 
 def common_length(lengths: torch.Tensor) -> int:
     """The one length every row holds; ValueError when the rows differ (read `lengths`)."""

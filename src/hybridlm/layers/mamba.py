@@ -45,6 +45,13 @@ class MambaCache(RowLengths):
     def _rows(self) -> torch.Tensor:
         return self.ssm_state
 
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Empty rows (R,) long: length 0 and zero conv/SSM state, as a new cache's rows."""
+        super().reset_rows(rows)
+        rows = rows.to(self.ssm_state.device)
+        self.conv_state.index_fill_(0, rows, 0)
+        self.ssm_state.index_fill_(0, rows, 0)
+
     def nbytes(self) -> int:
         return (self.conv_state.numel() * self.conv_state.element_size()
                 + self.ssm_state.numel() * self.ssm_state.element_size())

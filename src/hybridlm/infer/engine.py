@@ -1,0 +1,171 @@
+"""Continuous batching: requests join a fixed pool of cache rows between decode steps and
+leave when finished, so a long generation never holds back a short one.
+
+Each `step`: waiting requests take free rows; one prefill forward feeds the next chunk (at
+most `prefill_chunk` tokens) of every prompt not yet in the cache, right-padded, each row
+advancing by its own chunk; then one decode forward feeds the last token of every row that
+is generating. Both forwards run over the whole pool with `input_lengths` (0 for the rows
+they do not feed, so those rows do not move): the shapes stay (max_batch, T) whatever the
+mix of requests. Every request samples from its own logits with its own parameters and
+torch.Generator.
+
+Glossary: B pool rows (max_batch), T tokens fed per row, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from hybridlm.infer.request import Request, RequestOutput, StreamDelta
+from hybridlm.infer.sampler import next_token
+from hybridlm.infer.sampling_params import SamplingParams
+from hybridlm.infer.slots import SlotPool
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, max_batch: int = 8,
+                 prefill_chunk: int = 512) -> None:
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or (
+                prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1")
+        model._check_causal()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.prefill_chunk = prefill_chunk
+        self.pool = SlotPool(model, max_batch)
+        self.device = self.pool.cache.lengths.device
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # row -> request
+        self.requests: dict[int, Request] = {}
+        self._next_id = 0
+
+    # --- requests -------------------------------------------------------------------------
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None
+                    ) -> int:
+        """Queue a prompt; returns its request id. ValueError (the engine goes on serving the
+        others) for an empty prompt, ids outside the vocab, stop strings without a
+        tokenizer, or prompt + max_tokens beyond max_position_embeddings."""
+        params = params if params is not None else SamplingParams()
+        prompt = self._checked_prompt(prompt_ids)
+        limit = self.pool.capacity
+        if len(prompt) + params.max_tokens > limit:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens})"
+                             f" = {len(prompt) + params.max_tokens} exceeds "
+                             f"max_position_embeddings={limit}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop={params.stop!r} needs the engine's tokenizer to read the "
+                             "text; build Engine(model, tokenizer)")
+        request = Request(self._next_id, prompt, params, self.tokenizer, self.device)
+        self._next_id += 1
+        self.requests[request.id] = request
+        self.waiting.append(request)
+        return request.id
+
+    def _checked_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt_ids is empty: a request needs at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_ids holds token id {bad[0]}, outside [0, "
+                             f"vocab_size={vocab})")
+        return prompt
+
+    def output(self, request_id: int) -> RequestOutput:
+        return self.requests[request_id].output()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- the scheduler --------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        """One scheduler iteration; returns the requests that finished in it."""
+        self._admit()
+        decoding = [r for r in self.running.values() if not r.prefilling]
+        prefilling = [r for r in self.running.values() if r.prefilling]
+        if prefilling:
+            self._prefill(prefilling)
+        if decoding:
+            self._decode(decoding)
+        done = [r for r in prefilling + decoding if r.finished]
+        for request in done:
+            del self.running[request.row]
+            self.pool.release(request.row)
+        return [r.output() for r in done]
+
+    def _admit(self) -> None:
+        while self.waiting:
+            row = self.pool.take()
+            if row is None:
+                return
+            request = self.waiting.popleft()
+            request.row = row
+            self.running[row] = request
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """Feed each request's next prompt chunk; those whose prompt is then complete
+        sample their first token from the logits at its last token."""
+        chunks = {r.row: r.prompt[r.fed:r.fed + self.prefill_chunk] for r in requests}
+        width = max(map(len, chunks.values()))
+        ids = torch.zeros(self.pool.size, width, dtype=torch.long, device=self.device)
+        lengths = torch.zeros(self.pool.size, dtype=torch.long, device=self.device)
+        for row, chunk in chunks.items():  # padding id 0: any id works, it is never read
+            ids[row, :len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+            lengths[row] = len(chunk)
+        logits = self.model(ids, cache=self.pool.cache, input_lengths=lengths).logits
+        for request in requests:  # logits (B, T, V)
+            request.fed += len(chunks[request.row])
+            if not request.prefilling:
+                self._sample(request, logits[request.row, len(chunks[request.row]) - 1])
+
+    def _decode(self, requests: list[Request]) -> None:
+        """Feed every generating row its last token: one forward of (B, 1)."""
+        ids = torch.zeros(self.pool.size, 1, dtype=torch.long, device=self.device)
+        lengths = torch.zeros(self.pool.size, dtype=torch.long, device=self.device)
+        for request in requests:
+            ids[request.row, 0] = request.tokens[-1]
+            lengths[request.row] = 1
+        logits = self.model(ids, cache=self.pool.cache, input_lengths=lengths).logits[:, 0]
+        for request in requests:  # logits (B, V)
+            self._sample(request, logits[request.row])
+
+    def _sample(self, request: Request, logits: torch.Tensor) -> None:
+        token = next_token(logits, request.params, request.prompt_tensor,
+                           request.output_tensor(), request.generator)
+        # The token will be fed at the row's next slot: none left means it is the last.
+        full = int(self.pool.cache.lengths[request.row]) + 1 >= self.pool.capacity
+        request.accept(token, context_full=full)
+
+    # --- conveniences ---------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run prompts to completion (with whatever else is queued); their outputs in order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"params holds {len(params)} SamplingParams for {len(prompts)} "
+                             "prompts; give one, or one per prompt")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        while any(not self.requests[i].finished for i in ids):
+            self.step()
+        return [self.output(i) for i in ids]
+
+    def stream(self, request_id: int) -> Iterator[StreamDelta]:
+        """The request's deltas as they come, stepping the engine (and so every other
+        request) whenever it has nothing new."""
+        request = self.requests[request_id]
+        while True:
+            while request.deltas:
+                delta = request.deltas.popleft()
+                yield delta
+                if delta.finished:
+                    return
+            if request.finished:
+                return
+            self.step()

@@ -1,0 +1,99 @@
+"""One request's state inside the engine, and what callers get back from it."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from hybridlm.infer.detokenize import IncrementalDetokenizer, StopText
+from hybridlm.infer.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    """A request's result so far. finish_reason: "length" (max_tokens), "stop" (a stop
+    token id or string; neither is in token_ids / text), "context" (the cache is full)."""
+
+    request_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class StreamDelta:
+    """What one step added to a request: its new token (None when the step ended it on a
+    stop token) and the text safe to show."""
+
+    token_id: int | None
+    text: str
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    tokenizer: object | None
+    device: torch.device
+    row: int | None = None
+    fed: int = 0  # prompt tokens already in the cache
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    deltas: deque = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator(device=self.device)
+        if self.params.seed is not None:
+            self.generator.manual_seed(self.params.seed)
+        else:
+            self.generator.seed()
+        self.prompt_tensor = torch.tensor(self.prompt, dtype=torch.long, device=self.device)
+        self.detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
+        self.stop_text = StopText(self.params.stop)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.prompt)
+
+    def output_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.tokens, dtype=torch.long, device=self.device)
+
+    def accept(self, token: int, context_full: bool) -> None:
+        """Record a sampled token and decide whether the request ends with it."""
+        if token in self.params.stop_token_ids:
+            self._finish("stop", None)
+            return
+        self.tokens.append(token)
+        if self.detok is not None and self.stop_text.add(self.detok.push(token)):
+            self._finish("stop", token)
+        elif len(self.tokens) >= self.params.max_tokens:
+            self._finish("length", token)
+        elif context_full:
+            self._finish("context", token)
+        else:
+            self.deltas.append(StreamDelta(token, self._text(final=False), False, None))
+
+    def _finish(self, reason: str, token: int | None) -> None:
+        self.finish_reason = reason
+        if self.detok is not None and not self.stop_text.stopped:
+            self.stop_text.add(self.detok.flush())
+        self.deltas.append(StreamDelta(token, self._text(final=True), True, reason))
+
+    def _text(self, final: bool) -> str:
+        return self.stop_text.emittable(final) if self.detok is not None else ""
+
+    def output(self) -> RequestOutput:
+        text = self.stop_text.text if self.detok is not None else None
+        return RequestOutput(self.id, list(self.prompt), list(self.tokens), text,
+                             self.finished, self.finish_reason)

@@ -1,0 +1,67 @@
+"""Per-request sampling settings of the engine, validated when built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens and when it stops.
+
+    temperature 0 is greedy. top_k / top_p / min_p narrow the candidates (None / 1.0 / 0.0:
+    off). repetition_penalty (1.0: off) divides the positive logits and multiplies the
+    negative ones of every token of the prompt and the output; presence_penalty is
+    subtracted once from each token already generated, frequency_penalty once per time it
+    was generated (OpenAI's definitions). stop_token_ids and stop (strings) end the request
+    and are not part of its output. seed makes sampling reproducible."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str)
+                           else tuple(self.stop))
+        _check_int("max_tokens", self.max_tokens, low=1)
+        _check_float("temperature", self.temperature, ">= 0", lambda x: x >= 0)
+        if self.top_k is not None:
+            _check_int("top_k", self.top_k, low=1)
+        _check_float("top_p", self.top_p, "in (0, 1]", lambda x: 0 < x <= 1)
+        _check_float("min_p", self.min_p, "in [0, 1]", lambda x: 0 <= x <= 1)
+        _check_float("repetition_penalty", self.repetition_penalty, "> 0", lambda x: x > 0)
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_float(name, getattr(self, name), "in [-2, 2]", lambda x: -2 <= x <= 2)
+        for token in self.stop_token_ids:
+            _check_int("stop_token_ids", token, low=0)
+        for text in self.stop:
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"stop={self.stop!r}: every stop string must be a non-empty "
+                                 "str")
+        if self.seed is not None:
+            _check_int("seed", self.seed, low=0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an int >= {low}")
+
+
+def _check_float(name: str, value, allowed: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name}={value!r} must be a finite number {allowed}")
