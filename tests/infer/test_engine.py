@@ -7,7 +7,7 @@ import torch
 
 from hybridlm.infer.detokenize import IncrementalDetokenizer
 from hybridlm.infer.engine import Engine
-from hybridlm.infer.sampler import penalised
+from hybridlm.infer.sampler import narrowed, penalised
 from hybridlm.infer.sampling_params import SamplingParams
 from hybridlm.infer.slots import SlotPool
 
@@ -202,3 +202,17 @@ def test_a_too_long_request_is_refused_and_the_others_go_on(make_history_model):
 def test_bad_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_top_k_top_p_and_min_p_keep_the_likely_tokens():
+    logits = torch.tensor([0.0, -1.0, -2.0, -5.0]).log_softmax(-1)  # p ~ .66 .24 .09 .004
+
+    def kept(**kw) -> list[int]:
+        out = narrowed(logits, SamplingParams(**kw))
+        return torch.isfinite(out).nonzero().flatten().tolist()
+
+    assert kept(top_k=2) == [0, 1]
+    assert kept(top_p=0.7) == [0, 1]  # .66 before token 1 is short of .7
+    assert kept(top_p=0.5) == [0]
+    assert kept(min_p=0.1) == [0, 1, 2]  # .004 < .1 * .66
+    assert kept(min_p=0.5) == [0]
