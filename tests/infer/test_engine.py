@@ -194,6 +194,14 @@ def test_a_too_long_request_is_refused_and_the_others_go_on(make_history_model):
     assert engine.output(kept).token_ids == alone(model, prompt, 8)
 
 
+def test_without_max_tokens_a_request_ends_when_the_context_is_full(make_history_model):
+    model = make_history_model(**STACKS["mamba"])
+    prompt = prompts(seed=7, lengths=(60,))[0]
+    out = Engine(model).generate([prompt], SamplingParams(max_tokens=None, temperature=0))[0]
+    assert out.finish_reason == "context"
+    assert out.token_ids == alone(model, prompt, 4)  # 60 + 4 = max_position_embeddings
+
+
 @pytest.mark.parametrize("field, value", [
     ("max_tokens", 0), ("temperature", -0.5), ("temperature", float("nan")), ("top_k", 0),
     ("top_p", 0.0), ("min_p", 1.5), ("repetition_penalty", 0.0), ("presence_penalty", 3.0),

@@ -26,6 +26,10 @@ from hybridlm.infer.slots import SlotPool
 
 
 class Engine:
+    """Serves requests on `model` (put in eval mode) with a pool of max_batch cache rows of
+    max_position_embeddings tokens each. tokenizer (anything with `decode(ids) -> str`):
+    needed for text, streaming text and stop strings."""
+
     def __init__(self, model, tokenizer=None, max_batch: int = 8,
                  prefill_chunk: int = 512) -> None:
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or (
@@ -47,14 +51,13 @@ class Engine:
                     ) -> int:
         """Queue a prompt; returns its request id. ValueError (the engine goes on serving the
         others) for an empty prompt, ids outside the vocab, stop strings without a
-        tokenizer, or prompt + max_tokens beyond max_position_embeddings."""
+        tokenizer, or prompt + max_tokens (1 when None) beyond max_position_embeddings."""
         params = params if params is not None else SamplingParams()
         prompt = self._checked_prompt(prompt_ids)
-        limit = self.pool.capacity
-        if len(prompt) + params.max_tokens > limit:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens})"
-                             f" = {len(prompt) + params.max_tokens} exceeds "
-                             f"max_position_embeddings={limit}")
+        limit, wanted = self.pool.capacity, params.max_tokens or 1
+        if len(prompt) + wanted > limit:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({wanted}) = "
+                             f"{len(prompt) + wanted} exceeds max_position_embeddings={limit}")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop={params.stop!r} needs the engine's tokenizer to read the "
                              "text; build Engine(model, tokenizer)")

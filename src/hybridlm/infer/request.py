@@ -77,7 +77,7 @@ class Request:
         self.tokens.append(token)
         if self.detok is not None and self.stop_text.add(self.detok.push(token)):
             self._finish("stop", token)
-        elif len(self.tokens) >= self.params.max_tokens:
+        elif self.params.max_tokens is not None and len(self.tokens) >= self.params.max_tokens:
             self._finish("length", token)
         elif context_full:
             self._finish("context", token)

@@ -10,14 +10,15 @@ from dataclasses import dataclass, field
 class SamplingParams:
     """How one request picks its tokens and when it stops.
 
-    temperature 0 is greedy. top_k / top_p / min_p narrow the candidates (None / 1.0 / 0.0:
+    max_tokens None: until a stop token / string or the end of the context. temperature 0
+    is greedy. top_k / top_p / min_p narrow the candidates (None / 1.0 / 0.0:
     off). repetition_penalty (1.0: off) divides the positive logits and multiplies the
     negative ones of every token of the prompt and the output; presence_penalty is
     subtracted once from each token already generated, frequency_penalty once per time it
     was generated (OpenAI's definitions). stop_token_ids and stop (strings) end the request
     and are not part of its output. seed makes sampling reproducible."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float = 1.0
@@ -33,7 +34,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str)
                            else tuple(self.stop))
-        _check_int("max_tokens", self.max_tokens, low=1)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, low=1)
         _check_float("temperature", self.temperature, ">= 0", lambda x: x >= 0)
         if self.top_k is not None:
             _check_int("top_k", self.top_k, low=1)
