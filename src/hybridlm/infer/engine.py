@@ -4,9 +4,9 @@ leave when finished, so a long generation never holds back a short one.
 Each `step`: waiting requests take free rows; one prefill forward feeds the next chunk (at
 most `prefill_chunk` tokens) of every prompt not yet in the cache, right-padded, each row
 advancing by its own chunk; then one decode forward feeds the last token of every row that
-is generating. Both forwards run over the whole pool with `input_lengths` (0 for the rows
-they do not feed, so those rows do not move): the shapes stay (max_batch, T) whatever the
-mix of requests. Every request samples from its own logits with its own parameters and
+is generating. Each forward runs over the span of pool rows from the lowest to the highest
+row it feeds, with `input_lengths` 0 for the rows in between that it does not feed, so those
+do not move. Every request samples from its own logits with its own parameters and
 torch.Generator.
 
 Glossary: B pool rows (max_batch), T tokens fed per row, V vocab.
@@ -114,28 +114,32 @@ class Engine:
         """Feed each request's next prompt chunk; those whose prompt is then complete
         sample their first token from the logits at its last token."""
         chunks = {r.row: r.prompt[r.fed:r.fed + self.prefill_chunk] for r in requests}
-        width = max(map(len, chunks.values()))
-        ids = torch.zeros(self.pool.size, width, dtype=torch.long, device=self.device)
-        lengths = torch.zeros(self.pool.size, dtype=torch.long, device=self.device)
-        for row, chunk in chunks.items():  # padding id 0: any id works, it is never read
-            ids[row, :len(chunk)] = torch.tensor(chunk, dtype=torch.long)
-            lengths[row] = len(chunk)
-        logits = self.model(ids, cache=self.pool.cache, input_lengths=lengths).logits
-        for request in requests:  # logits (B, T, V)
+        logits, lo = self._forward(chunks)  # (B', T, V)
+        for request in requests:
             request.fed += len(chunks[request.row])
             if not request.prefilling:
-                self._sample(request, logits[request.row, len(chunks[request.row]) - 1])
+                self._sample(request, logits[request.row - lo, len(chunks[request.row]) - 1])
 
     def _decode(self, requests: list[Request]) -> None:
         """Feed every generating row its last token: one forward of (B, 1)."""
-        ids = torch.zeros(self.pool.size, 1, dtype=torch.long, device=self.device)
-        lengths = torch.zeros(self.pool.size, dtype=torch.long, device=self.device)
+        logits, lo = self._forward({r.row: r.tokens[-1:] for r in requests})  # (B', 1, V)
         for request in requests:
-            ids[request.row, 0] = request.tokens[-1]
-            lengths[request.row] = 1
-        logits = self.model(ids, cache=self.pool.cache, input_lengths=lengths).logits[:, 0]
-        for request in requests:  # logits (B, V)
-            self._sample(request, logits[request.row])
+            self._sample(request, logits[request.row - lo, 0])
+
+    def _forward(self, feed: dict[int, list[int]]) -> tuple[torch.Tensor, int]:
+        """Feed row -> tokens (right-padded) over the span of rows lo .. hi-1 that holds them;
+        -> the logits (hi - lo, T, V) and lo."""
+        lo, hi = min(feed), max(feed) + 1
+        width = max(map(len, feed.values()))
+        ids = torch.zeros(hi - lo, width, dtype=torch.long, device=self.device)
+        lengths = torch.zeros(hi - lo, dtype=torch.long, device=self.device)
+        for row, tokens in feed.items():  # padding id 0: any id works, it is never read
+            ids[row - lo, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            lengths[row - lo] = len(tokens)
+        view = self.pool.view(lo, hi)
+        logits = self.model(ids, cache=view, input_lengths=lengths).logits
+        self.pool.store(view, lo)
+        return logits, lo
 
     def _sample(self, request: Request, logits: torch.Tensor) -> None:
         token = next_token(logits, request.params, request.prompt_tensor,

@@ -2,11 +2,20 @@
 
 The ModelCache is allocated once, max_batch rows of max_position_embeddings tokens; a row
 is emptied (length 0, recurrent state zeroed) when taken and again when freed, so no
-sequence ever reads what the row held before."""
+sequence ever reads what the row held before.
+
+A forward runs on a span of rows, `view(lo, hi)`: every layer cache's tensors sliced to rows
+lo .. hi-1 (views: the forward writes into the pool), then `store(view, lo)` copies back the
+lengths it advanced (lengths are replaced, not written in place). Rows are taken lowest
+first, so the rows in use stay packed at the front and a span wastes few idle rows."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+
+from hybridlm.model import ModelCache
 
 
 class SlotPool:
@@ -25,13 +34,28 @@ class SlotPool:
         """An emptied row, or None when every row is in use."""
         if not self.free:
             return None
-        row = self.free.pop(0)
+        row = min(self.free)
+        self.free.remove(row)
         self._reset(row)
         return row
 
     def release(self, row: int) -> None:
         self._reset(row)
         self.free.append(row)
+
+    def view(self, lo: int, hi: int) -> ModelCache:
+        """The cache of rows lo .. hi-1, sharing the pool's memory."""
+        layers = [dataclasses.replace(layer, **{
+            f.name: getattr(layer, f.name)[lo:hi] for f in dataclasses.fields(layer)
+            if isinstance(getattr(layer, f.name), torch.Tensor)}) for layer in self.cache.layers]
+        return ModelCache(layers, self.cache.lengths[lo:hi].clone())
+
+    def store(self, view: ModelCache, lo: int) -> None:
+        """Copy the lengths a forward advanced in `view` (from `view(lo, ...)`) to the pool."""
+        hi = lo + view.lengths.shape[0]
+        self.cache.lengths[lo:hi] = view.lengths
+        for layer, part in zip(self.cache.layers, view.layers, strict=True):
+            layer.lengths[lo:hi] = part.lengths
 
     def _reset(self, row: int) -> None:
         self.cache.reset_rows(torch.tensor([row], device=self.cache.lengths.device))
