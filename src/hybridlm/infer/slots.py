@@ -26,10 +26,6 @@ class SlotPool:
         self.cache = model.new_cache(max_batch, self.capacity)
         self.free = list(range(max_batch))
 
-    @property
-    def size(self) -> int:
-        return self.cache.lengths.shape[0]
-
     def take(self) -> int | None:
         """An emptied row, or None when every row is in use."""
         if not self.free:
