@@ -26,11 +26,11 @@ LEVELS = {
     "layers": 2, "chat": 2,
     "model": 3,
     "checkpoint": 4, "parallel": 4, "infer": 4, "eval": 4,
-    "train": 5,
+    "train": 5, "serve": 5,  # the server: the engine over HTTP
     "demo": 6,
     "cli": 7,
 }
-ABOVE_THE_MODEL = ("train", "infer", "parallel", "cli", "eval", "demo", "checkpoint", "data",
+ABOVE_THE_MODEL = ("train", "infer", "serve", "parallel", "cli", "eval", "demo", "checkpoint", "data",
                    "chat")
 # no torch.distributed here:
 MODEL_CORE = ("config", "config_check", "config_legacy", "registry", "layers", "ops", "model")

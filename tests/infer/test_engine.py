@@ -224,3 +224,28 @@ def test_top_k_top_p_and_min_p_keep_the_likely_tokens():
     assert kept(top_p=0.5) == [0]
     assert kept(min_p=0.1) == [0, 1, 2]  # .004 < .1 * .66
     assert kept(min_p=0.5) == [0]
+
+
+def test_cancel_frees_the_row_and_the_others_get_their_tokens_alone(make_history_model):
+    model = make_history_model(**STACKS["gqa"])
+    engine = Engine(model, max_batch=2, prefill_chunk=4)
+    a, b, c = prompts()[:3]
+    first = engine.add_request(a, GREEDY)
+    second = engine.add_request(b, GREEDY)
+    queued = engine.add_request(c, GREEDY)
+    engine.step()
+    engine.cancel(second)  # running: its row goes to the queued request
+    engine.cancel(999)  # unknown: ignored
+    engine.step()
+    assert engine.running[1].id == queued and len(engine.pool.free) == 0
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.output(first).token_ids == alone(model, a, 8)
+    assert engine.output(queued).token_ids == alone(model, c, 8)
+    waiting = [engine.add_request(p, GREEDY) for p in (a, b, c)]
+    engine.cancel(waiting[2])  # waiting: it never runs
+    engine.cancel(first)  # finished: forgotten
+    while engine.has_unfinished():
+        engine.step()
+    assert waiting[2] not in engine.requests and first not in engine.requests
+    assert sorted(engine.pool.free) == [0, 1]

@@ -81,6 +81,19 @@ class Engine:
     def output(self, request_id: int) -> RequestOutput:
         return self.requests[request_id].output()
 
+    def cancel(self, request_id: int) -> None:
+        """Forget a request, finished or not: a running one frees its cache row at once, a
+        waiting one leaves the queue; its output is gone. Unknown ids are ignored, so a
+        caller may cancel whatever it still holds without asking first."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        if request.row is not None and self.running.get(request.row) is request:
+            del self.running[request.row]
+            self.pool.release(request.row)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
