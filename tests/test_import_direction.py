@@ -30,8 +30,8 @@ LEVELS = {
     "demo": 6,
     "cli": 7,
 }
-ABOVE_THE_MODEL = ("train", "infer", "serve", "parallel", "cli", "eval", "demo", "checkpoint", "data",
-                   "chat")
+ABOVE_THE_MODEL = ("train", "infer", "serve", "parallel", "cli", "eval", "demo", "checkpoint",
+                   "data", "chat")
 # no torch.distributed here:
 MODEL_CORE = ("config", "config_check", "config_legacy", "registry", "layers", "ops", "model")
 

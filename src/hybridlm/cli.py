@@ -7,6 +7,7 @@
     hybridlm plot            runs/x
     hybridlm sft             --model runs/x --data chats.jsonl --out runs/x-sft --steps 200
     hybridlm generate        --model runs/x --prompt "Once upon a time"
+    hybridlm serve           --model runs/x --port 8000
     hybridlm presets
     hybridlm demo            --out runs/demo
 """
@@ -129,6 +130,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(tokenizer.decode(out[0].tolist(), skip_special_tokens=True))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from hybridlm.serve.cli import load_engine, run_server
+    except ModuleNotFoundError as err:
+        if err.name not in ("fastapi", "uvicorn", "pydantic", "starlette"):
+            raise
+        raise ValueError(f"serving needs {err.name}, which is not installed: "
+                         "pip install 'hybridlm[serve]'") from None
+    engine, name, template = load_engine(args.model, args.max_batch, args.device)
+    run_server(uvicorn, engine, name, template, args.host, args.port, args.api_key)
+
+
 def preset_parameter_counts(name: str) -> tuple[int, int]:
     """(total, active) parameters of a preset, built on the meta device (no memory used)."""
     import torch
@@ -218,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(which ends at eos or before the next role marker)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a model directory over an OpenAI-compatible HTTP API")
+    p.add_argument("--model", required=True, help="model directory (with its tokenizer.json)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: loopback only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on the /v1 routes")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("presets", help="list presets with total and active parameter counts")
     p.set_defaults(func=cmd_presets)

@@ -1,0 +1,52 @@
+"""What `hybridlm serve` runs: load a model directory into an Engine, bind, serve until
+SIGTERM / Ctrl-C, then let in-flight requests finish (for at most GRACE_S) and return."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+
+from hybridlm.chat import ChatTemplate
+from hybridlm.data import Tokenizer
+from hybridlm.infer.engine import Engine
+from hybridlm.model import HybridLM
+from hybridlm.serve.app import build_app
+
+GRACE_S = 30  # the longest a shutdown waits for requests still running
+
+
+def load_engine(model_dir: str, max_batch: int, device: str
+                ) -> tuple[Engine, str, ChatTemplate]:
+    """An Engine over the model directory's model and tokenizer, the name it is served as
+    (the directory's name) and its chat template."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"--max-batch {max_batch} must be an int >= 1")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
+    model = HybridLM.from_pretrained(model_dir).to(device).eval()
+    tokenizer = Tokenizer.from_file(model_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but "
+                         f"the model's vocab_size is {model.config.vocab_size}: the "
+                         "tokenizer.json there is not the one the model was trained with")
+    engine = Engine(model, tokenizer, max_batch=max_batch)
+    return engine, Path(model_dir).resolve().name, ChatTemplate.load(model_dir)
+
+
+def run_server(uvicorn, engine: Engine, name: str, template: ChatTemplate, host: str,
+               port: int, api_key: str | None) -> None:
+    """Bind first (a taken port is a one-line OSError, not a log line), then serve."""
+    if not 0 <= port < 65536:
+        raise ValueError(f"--port {port} must lie in [0, 65536)")
+    if api_key is not None and not api_key:
+        raise ValueError("--api-key is empty: give a key, or leave the flag out")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    app = build_app(engine, name, api_key=api_key, chat_template=template)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACE_S)
+    print(f"serving {name!r} on http://{host}:{sock.getsockname()[1]}/v1", flush=True)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,108 @@
+"""The engine's own thread: it steps the engine while any request is pending and hands each
+request's deltas to the asyncio queue of the handler waiting on it.
+
+The engine is not thread-safe, so every touch of it (add_request, cancel, step) holds one
+lock; handlers never step the engine themselves, so a slow client never stalls the batch."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hybridlm.infer.engine import Engine
+from hybridlm.infer.request import StreamDelta
+from hybridlm.infer.sampling_params import SamplingParams
+from hybridlm.serve.metrics import Metrics
+
+
+@dataclass
+class Subscriber:
+    """Where one request's deltas go: an asyncio queue fed from the engine thread."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    started: float  # time.monotonic() when it was submitted (for time to first token)
+    first_seen: bool = False
+
+
+class EngineWorker:
+    """Runs `engine` on a daemon thread; `submit` and `cancel` may be called from any thread."""
+
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self._wake = threading.Condition()
+        self._subscribers: dict[int, Subscriber] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="hybridlm-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams
+               ) -> tuple[int, asyncio.Queue]:
+        """Queue a request (ValueError as `Engine.add_request` raises it); its id and the
+        queue its StreamDelta items arrive on, the last one with finished=True."""
+        import time
+
+        subscriber = Subscriber(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
+        with self._wake:
+            request_id = self.engine.add_request(prompt_ids, params)
+            self._subscribers[request_id] = subscriber
+            self._wake.notify()
+        return request_id, subscriber.queue
+
+    def cancel(self, request_id: int) -> None:
+        """Drop a request (finished or not) from the engine: its cache row is free again."""
+        with self._wake:
+            self._subscribers.pop(request_id, None)
+            self.engine.cancel(request_id)
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        with self._wake:
+            return len(self.engine.running), len(self.engine.waiting)
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._stopped or self.engine.has_unfinished())
+                if self._stopped:
+                    return
+                try:
+                    self.engine.step()
+                except Exception as err:  # a bug must not kill the thread every request needs
+                    self._fail_all(err)
+                    continue
+                self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand every new delta to its handler; finished requests leave the engine."""
+        import time
+
+        for request_id, subscriber in list(self._subscribers.items()):
+            request = self.engine.requests[request_id]
+            while request.deltas:
+                delta = request.deltas.popleft()
+                if not subscriber.first_seen:
+                    subscriber.first_seen = True
+                    self.metrics.first_token(time.monotonic() - subscriber.started)
+                subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, delta)
+            if request.finished:
+                self.metrics.tokens_out += len(request.tokens)
+                del self._subscribers[request_id]
+                self.engine.cancel(request_id)
+
+    def _fail_all(self, err: Exception) -> None:
+        """Every pending request ends with an error delta; the engine starts over empty."""
+        failure = StreamDelta(None, "", True, f"error: {type(err).__name__}: {err}")
+        for request_id, subscriber in self._subscribers.items():
+            subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, failure)
+            self.engine.cancel(request_id)
+        self._subscribers.clear()
