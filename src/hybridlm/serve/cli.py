@@ -3,7 +3,9 @@ SIGTERM / Ctrl-C, then let in-flight requests finish (for at most GRACE_S) and r
 
 from __future__ import annotations
 
+import signal
 import socket
+import threading
 from pathlib import Path
 
 import torch
@@ -49,4 +51,14 @@ def run_server(uvicorn, engine: Engine, name: str, template: ChatTemplate, host:
     app = build_app(engine, name, api_key=api_key, chat_template=template)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACE_S)
     print(f"serving {name!r} on http://{host}:{sock.getsockname()[1]}/v1", flush=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    if threading.current_thread() is not threading.main_thread():
+        server.run(sockets=[sock])
+        return
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler
+    # found before it: an ignoring one makes that a clean exit 0, as a service manager wants.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
