@@ -1,5 +1,5 @@
 """Imports point one way: config <- layers <- model <- {checkpoint, parallel, infer, eval}
-<- train <- demo <- cli, and `ops` knows nothing above it. Checked twice: by importing the
+<- {train, serve} <- demo <- cli, and `ops` knows nothing above it. Checked twice: by importing the
 model in a fresh interpreter (what a user of the model alone loads), and by reading every
 module's imports (ast), so a new arrow the wrong way fails here, naming the file."""
 
