@@ -1,7 +1,8 @@
 """Imports point one way: config <- layers <- model <- {checkpoint, parallel, infer, eval}
-<- {train, serve} <- demo <- cli, and `ops` knows nothing above it. Checked twice: by importing the
-model in a fresh interpreter (what a user of the model alone loads), and by reading every
-module's imports (ast), so a new arrow the wrong way fails here, naming the file."""
+<- {train, serve} <- demo <- cli, and `ops` knows nothing above it. Checked twice: by
+importing the model in a fresh interpreter (what a user of the model alone loads), and by
+reading every module's imports (ast), so a new arrow the wrong way fails here, naming the
+file."""
 
 from __future__ import annotations
 

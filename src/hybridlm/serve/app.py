@@ -165,7 +165,7 @@ def _check_model(served: Served, model: str) -> None:
 async def _answer(served: Served, request: Request, endpoint: str, prompt: list[int],
                   params: SamplingParams, stream: bool):
     try:
-        request_id, queue = served.worker.submit(prompt, params)
+        request_id, queue = await served.worker.submit(prompt, params)
     except ValueError as err:
         raise RequestError(str(err), param="prompt") from None
     served.metrics.request(endpoint, len(prompt))

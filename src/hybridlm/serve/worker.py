@@ -2,12 +2,16 @@
 request's deltas to the asyncio queue of the handler waiting on it.
 
 The engine is not thread-safe, so every touch of it (add_request, cancel, step) holds one
-lock; handlers never step the engine themselves, so a slow client never stalls the batch."""
+lock; handlers never step the engine themselves, so a slow client never stalls the batch.
+Handlers submit from a worker thread of asyncio (the lock may wait out a step) and leave
+cancellations in an inbox the engine thread empties before each step, so the event loop
+never waits for the engine."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,17 +39,20 @@ class EngineWorker:
         self.metrics = metrics
         self._wake = threading.Condition()
         self._subscribers: dict[int, Subscriber] = {}
+        self._cancelled: list[int] = []  # appended from any thread (list.append is atomic)
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="hybridlm-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams
-               ) -> tuple[int, asyncio.Queue]:
+    async def submit(self, prompt_ids: Sequence[int], params: SamplingParams
+                     ) -> tuple[int, asyncio.Queue]:
         """Queue a request (ValueError as `Engine.add_request` raises it); its id and the
         queue its StreamDelta items arrive on, the last one with finished=True."""
-        import time
-
         subscriber = Subscriber(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
+        return await asyncio.to_thread(self._add, prompt_ids, params, subscriber)
+
+    def _add(self, prompt_ids: Sequence[int], params: SamplingParams, subscriber: Subscriber
+             ) -> tuple[int, asyncio.Queue]:
         with self._wake:
             request_id = self.engine.add_request(prompt_ids, params)
             self._subscribers[request_id] = subscriber
@@ -53,15 +60,15 @@ class EngineWorker:
         return request_id, subscriber.queue
 
     def cancel(self, request_id: int) -> None:
-        """Drop a request (finished or not) from the engine: its cache row is free again."""
+        """Drop a request (finished or not) from the engine before its next step, freeing its
+        cache row; returns at once."""
+        self._cancelled.append(request_id)
         with self._wake:
-            self._subscribers.pop(request_id, None)
-            self.engine.cancel(request_id)
+            self._wake.notify()
 
     def counts(self) -> tuple[int, int]:
-        """(running, waiting) requests."""
-        with self._wake:
-            return len(self.engine.running), len(self.engine.waiting)
+        """(running, waiting) requests, read without the lock (a len is atomic)."""
+        return len(self.engine.running), len(self.engine.waiting)
 
     def stop(self) -> None:
         with self._wake:
@@ -72,9 +79,13 @@ class EngineWorker:
     def _run(self) -> None:
         while True:
             with self._wake:
-                self._wake.wait_for(lambda: self._stopped or self.engine.has_unfinished())
+                self._wake.wait_for(lambda: self._stopped or self._cancelled
+                                    or self.engine.has_unfinished())
                 if self._stopped:
                     return
+                self._drop_cancelled()
+                if not self.engine.has_unfinished():
+                    continue
                 try:
                     self.engine.step()
                 except Exception as err:  # a bug must not kill the thread every request needs
@@ -82,10 +93,14 @@ class EngineWorker:
                     continue
                 self._deliver()
 
+    def _drop_cancelled(self) -> None:
+        while self._cancelled:
+            request_id = self._cancelled.pop()
+            self._subscribers.pop(request_id, None)
+            self.engine.cancel(request_id)
+
     def _deliver(self) -> None:
         """Hand every new delta to its handler; finished requests leave the engine."""
-        import time
-
         for request_id, subscriber in list(self._subscribers.items()):
             request = self.engine.requests[request_id]
             while request.deltas:
