@@ -114,3 +114,18 @@ def test_a_client_gone_mid_stream_frees_its_row(live):
     assert cancelled[0][1] is False, "it ran to its end instead of being cancelled"
     assert sorted(engine.pool.free) == [0, 1, 2, 3]  # max_batch 4: every row is free
     assert not engine.requests
+
+
+def test_an_engine_failure_is_a_500_and_the_next_request_is_served(live):
+    engine = live.engine
+    step = engine.step
+
+    def broken_step():
+        engine.step = step  # fails once
+        raise RuntimeError("boom")
+
+    engine.step = broken_step
+    body = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 3}
+    assert_error(httpx.post(live.url + "/v1/completions", json=body), 500, ["boom"])
+    assert httpx.post(live.url + "/v1/completions", json=body).status_code == 200
+    assert not engine.running and sorted(engine.pool.free) == [0, 1, 2, 3]
