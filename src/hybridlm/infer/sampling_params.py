@@ -52,6 +52,8 @@ class SamplingParams:
                                  "str")
         if self.seed is not None:
             _check_int("seed", self.seed, low=0)
+            if self.seed >= 2**64:  # what a torch.Generator takes
+                raise ValueError(f"seed={self.seed} must be an int in [0, 2**64)")
 
     @property
     def greedy(self) -> bool:

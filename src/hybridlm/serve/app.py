@@ -149,7 +149,8 @@ def _add_routes(app: FastAPI, served: Served) -> None:
         tokenizer = served.engine.tokenizer
         messages = [m.model_dump() for m in body.messages]
         prompt = served.template.render_prompt(messages, tokenizer)
-        max_tokens = body.max_completion_tokens or body.max_tokens
+        max_tokens = (body.max_tokens if body.max_completion_tokens is None
+                      else body.max_completion_tokens)
         params = body.sampling_params(max_tokens, tuple(served.template.stop_strings()),
                                       (tokenizer.eos_token_id,))
         return await _answer(served, request, "chat", prompt, params, body.stream)

@@ -29,6 +29,7 @@ BAD = {  # name: (body, status, words the message must hold, param)
     "penalty": ({"prompt": "Hi", "presence_penalty": 3}, 400, ["presence_penalty", "[-2, 2]"],
                 "presence_penalty"),
     "seed": ({"prompt": "Hi", "seed": -1}, 400, ["seed"], "seed"),
+    "huge seed": ({"prompt": "Hi", "seed": 2**64}, 400, ["seed", "2**64"], "seed"),
     "five stops": ({"prompt": "Hi", "stop": list("abcde")}, 400, ["5", "at most 4"], "stop"),
     "empty stop": ({"prompt": "Hi", "stop": [""]}, 400, ["stop", "non-empty"], "stop"),
     "n=2": ({"prompt": "Hi", "n": 2}, 400, ["n=2", "one choice"], "n"),
@@ -64,7 +65,9 @@ def test_a_bad_completion_is_refused_and_the_server_goes_on(live, case):
     (b'{"model": "tiny-history", "messages": [{"role": "user", "content": 5}]}', ["content"]),
     (b'{"model": "tiny-history", "messages": [{"role": "user", "content": "x"}], "n": 3}',
      ["n=3"]),
-], ids=["malformed", "no messages", "role", "content type", "n"])
+    (b'{"model": "tiny-history", "messages": [{"role": "user", "content": "x"}], '
+     b'"max_completion_tokens": 0}', ["max_tokens", ">= 1"]),
+], ids=["malformed", "no messages", "role", "content type", "n", "max_completion_tokens"])
 def test_a_bad_chat_request_is_refused(live, body, words):
     response = httpx.post(live.url + "/v1/chat/completions", content=body,
                           headers={"content-type": "application/json"})
