@@ -38,7 +38,13 @@ def torchrun(nproc: int, data, out, *extra: str, never_reduce: bool = False) -> 
            "--data", str(data), "--out", str(out), *COMMON, *_overrides(), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    written = all((reports / f"rank{r}.json").exists() for r in range(nproc))
+    # A rank writes its report only after its training returned 0. On a loaded 2-core box a
+    # gloo thread is sometimes still joinable when that process exits, and the C++ runtime
+    # aborts it after the work is done ("terminate called without an active exception");
+    # that exit is not the trainer's failure, anything else is.
+    teardown_abort = "terminate called without an active exception" in done.stderr
+    assert done.returncode == 0 or (written and teardown_abort), done.stderr[-3000:]
     return [json.loads((reports / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
