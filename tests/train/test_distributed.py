@@ -33,6 +33,8 @@ def torchrun(nproc: int, data, out, *extra: str, never_reduce: bool = False) -> 
     train_worker.py). never_reduce: the breakage, expert loads never summed over ranks."""
     reports = Path(f"{out}_reports")
     reports.mkdir(exist_ok=True)
+    for stale in reports.glob("rank*.json"):  # an earlier leg's reports prove nothing here
+        stale.unlink()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--standalone", str(WORKER), str(reports), *(["--never-reduce"] * never_reduce),
            "--data", str(data), "--out", str(out), *COMMON, *_overrides(), *extra]
