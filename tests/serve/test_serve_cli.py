@@ -91,6 +91,10 @@ def test_bad_serve_flags_are_one_line_errors(model_dir, capsys, argv, words):
     assert_one_line_error(["serve", "--model", model_dir, *argv], *words, capsys=capsys)
 
 
+def test_a_missing_model_directory_is_a_one_line_error(tmp_path, capsys):
+    assert_one_line_error(["serve", "--model", tmp_path / "nowhere"], "nowhere", capsys=capsys)
+
+
 def test_the_core_package_never_imports_fastapi():
     code = ("import sys, hybridlm, hybridlm.cli, hybridlm.infer.engine, hybridlm.chat; "
             "sys.exit('fastapi' in sys.modules or 'uvicorn' in sys.modules)")
