@@ -6,41 +6,60 @@ most `prefill_chunk` tokens) of every prompt not yet in the cache, right-padded,
 advancing by its own chunk; then one decode forward feeds the last token of every row that
 is generating. Each forward runs over the span of pool rows from the lowest to the highest
 row it feeds, with `input_lengths` 0 for the rows in between that it does not feed, so those
-do not move. Every request samples from its own logits with its own parameters and
-torch.Generator.
+do not move. The rows sampled in a step (prefill and decode alike) are queued by `_sample`
+and drawn together at the end of the step by `BatchSampler` (one read from the device per
+step), each with its own parameters; a seeded request draws from its own torch.Generator.
+Under `hybridlm.ops.set_impl("reference")` each request samples alone with
+`sampler.next_token`, the reference twin.
+
+A request that waits longer than `queue_timeout` seconds for a free row ends with
+finish_reason "timeout" and no tokens.
 
 Glossary: B pool rows (max_batch), T tokens fed per row, V vocab.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 
 import torch
 
+from hybridlm.infer.batch_sampler import BatchSampler, TokenLogprob
 from hybridlm.infer.request import Request, RequestOutput, StreamDelta
-from hybridlm.infer.sampler import next_token
+from hybridlm.infer.sampler import next_token, token_logprobs
 from hybridlm.infer.sampling_params import SamplingParams
 from hybridlm.infer.slots import SlotPool
+from hybridlm.ops import dispatch
 
 
 class Engine:
     """Serves requests on `model` (put in eval mode) with a pool of max_batch cache rows of
     max_position_embeddings tokens each. tokenizer (anything with `decode(ids) -> str`):
-    needed for text, streaming text and stop strings."""
+    needed for text, streaming text and stop strings. queue_timeout (seconds, None: no
+    limit): how long a request may wait for a free row."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 8,
-                 prefill_chunk: int = 512) -> None:
+                 prefill_chunk: int = 512, queue_timeout: float | None = None) -> None:
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or (
                 prefill_chunk < 1):
             raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1")
+        if queue_timeout is not None and (
+                isinstance(queue_timeout, bool) or not isinstance(queue_timeout, int | float)
+                or not math.isfinite(queue_timeout) or queue_timeout <= 0):
+            raise ValueError(f"queue_timeout={queue_timeout!r} must be a finite number of "
+                             "seconds > 0 (or None)")
         model._check_causal()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.pool = SlotPool(model, max_batch)
         self.device = self.pool.cache.lengths.device
+        self.queue_timeout = queue_timeout
+        self.sampler = BatchSampler(max_batch, model.config.vocab_size, self.device)
+        self._queued: list[tuple[Request, torch.Tensor]] = []  # rows to sample this step
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # row -> request
         self.requests: dict[int, Request] = {}
@@ -108,11 +127,12 @@ class Engine:
             self._prefill(prefilling)
         if decoding:
             self._decode(decoding)
+        self._draw_queued()
         done = [r for r in prefilling + decoding if r.finished]
         for request in done:
             del self.running[request.row]
             self.pool.release(request.row)
-        return [r.output() for r in done]
+        return [r.output() for r in done + self._expire()]
 
     def _admit(self) -> None:
         while self.waiting:
@@ -122,6 +142,19 @@ class Engine:
             request = self.waiting.popleft()
             request.row = row
             self.running[row] = request
+            self.sampler.admit(row, request.params, request.prompt_tensor)
+
+    def _expire(self) -> list[Request]:
+        """End the waiting requests older than queue_timeout (the queue is in arrival
+        order, so they are at its front)."""
+        expired = []
+        if self.queue_timeout is not None:
+            now = time.monotonic()
+            while self.waiting and now - self.waiting[0].queued_at > self.queue_timeout:
+                request = self.waiting.popleft()
+                request.expire()
+                expired.append(request)
+        return expired
 
     def _prefill(self, requests: list[Request]) -> None:
         """Feed each request's next prompt chunk; those whose prompt is then complete
@@ -155,13 +188,49 @@ class Engine:
         return logits, lo
 
     def _sample(self, request: Request, logits: torch.Tensor) -> None:
+        """Queue the request's logits (V,) for the draw at the end of the step."""
+        self._queued.append((request, logits))
+
+    def _draw_queued(self) -> None:
+        """Sample every queued row: all at once, or one by one with the reference."""
+        queued, self._queued = self._queued, []
+        if not queued:
+            return
+        requests = [r for r, _ in queued]
+        if dispatch.current_impl() == "reference":
+            picks = [self._reference_pick(r, logits) for r, logits in queued]
+        else:
+            picks = self.sampler.sample(torch.stack([logits for _, logits in queued]),  # (R, V)
+                                        [r.row for r in requests],
+                                        [r.params for r in requests],
+                                        [r.generator for r in requests])
+        for request, (token, logprob) in zip(requests, picks, strict=True):
+            # Sampled once the prompt and every earlier token are in the row; the new token
+            # will be fed at the next slot: none left means it is the last.
+            cached = len(request.prompt) + len(request.tokens)
+            request.accept(token, context_full=cached + 1 >= self.pool.capacity,
+                           logprob=logprob)
+
+    @staticmethod
+    def _reference_pick(request: Request, logits: torch.Tensor):
         token = next_token(logits, request.params, request.prompt_tensor,
                            request.output_tensor(), request.generator)
-        # The token will be fed at the row's next slot: none left means it is the last.
-        full = int(self.pool.cache.lengths[request.row]) + 1 >= self.pool.capacity
-        request.accept(token, context_full=full)
+        if request.params.logprobs is None:
+            return token, None
+        return token, TokenLogprob(token, *token_logprobs(logits, token,
+                                                          request.params.logprobs))
 
     # --- conveniences ---------------------------------------------------------------------
+    def add_choices(self, prompt_ids: Sequence[int], params: SamplingParams, n: int
+                    ) -> list[int]:
+        """Queue n independent choices of one prompt (`SamplingParams.for_choices`: a seeded
+        request's choice i uses seed + i); their request ids. Checked before any is queued,
+        so a ValueError leaves none behind."""
+        choices = params.for_choices(n)
+        self._checked_prompt(prompt_ids)
+        first = self.add_request(prompt_ids, choices[0])
+        return [first] + [self.add_request(prompt_ids, p) for p in choices[1:]]
+
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:

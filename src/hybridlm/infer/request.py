@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
+from hybridlm.infer.batch_sampler import TokenLogprob
 from hybridlm.infer.detokenize import IncrementalDetokenizer, StopText
 from hybridlm.infer.sampling_params import SamplingParams
 
@@ -14,7 +16,9 @@ from hybridlm.infer.sampling_params import SamplingParams
 @dataclass
 class RequestOutput:
     """A request's result so far. finish_reason: "length" (max_tokens), "stop" (a stop
-    token id or string; neither is in token_ids / text), "context" (the cache is full)."""
+    token id or string; neither is in token_ids / text), "context" (the cache is full),
+    "timeout" (no free cache row within the engine's queue_timeout; nothing generated).
+    logprobs: one per token id when the params asked for them, else None."""
 
     request_id: int
     prompt_ids: list[int]
@@ -22,17 +26,19 @@ class RequestOutput:
     text: str | None
     finished: bool
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
 class StreamDelta:
     """What one step added to a request: its new token (None when the step ended it on a
-    stop token) and the text safe to show."""
+    stop token) with its logprobs when asked for, and the text safe to show."""
 
     token_id: int | None
     text: str
     finished: bool
     finish_reason: str | None
+    logprob: TokenLogprob | None = None
 
 
 @dataclass
@@ -47,6 +53,8 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     deltas: deque = field(default_factory=deque)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    queued_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator(device=self.device)
@@ -69,31 +77,42 @@ class Request:
     def output_tensor(self) -> torch.Tensor:
         return torch.tensor(self.tokens, dtype=torch.long, device=self.device)
 
-    def accept(self, token: int, context_full: bool) -> None:
-        """Record a sampled token and decide whether the request ends with it."""
+    def accept(self, token: int, context_full: bool, logprob: TokenLogprob | None = None
+               ) -> None:
+        """Record a sampled token (and its logprobs, when asked for) and decide whether the
+        request ends with it."""
         if token in self.params.stop_token_ids:
             self._finish("stop", None)
             return
         self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if self.detok is not None and self.stop_text.add(self.detok.push(token)):
-            self._finish("stop", token)
+            self._finish("stop", token, logprob)
         elif self.params.max_tokens is not None and len(self.tokens) >= self.params.max_tokens:
-            self._finish("length", token)
+            self._finish("length", token, logprob)
         elif context_full:
-            self._finish("context", token)
+            self._finish("context", token, logprob)
         else:
-            self.deltas.append(StreamDelta(token, self._text(final=False), False, None))
+            self.deltas.append(StreamDelta(token, self._text(final=False), False, None,
+                                           logprob))
 
-    def _finish(self, reason: str, token: int | None) -> None:
+    def expire(self) -> None:
+        """End a request that waited too long for a cache row."""
+        self._finish("timeout", None)
+
+    def _finish(self, reason: str, token: int | None, logprob: TokenLogprob | None = None
+                ) -> None:
         self.finish_reason = reason
         if self.detok is not None and not self.stop_text.stopped:
             self.stop_text.add(self.detok.flush())
-        self.deltas.append(StreamDelta(token, self._text(final=True), True, reason))
+        self.deltas.append(StreamDelta(token, self._text(final=True), True, reason, logprob))
 
     def _text(self, final: bool) -> str:
         return self.stop_text.emittable(final) if self.detok is not None else ""
 
     def output(self) -> RequestOutput:
         text = self.stop_text.text if self.detok is not None else None
+        logprobs = list(self.logprobs) if self.params.logprobs is not None else None
         return RequestOutput(self.id, list(self.prompt), list(self.tokens), text,
-                             self.finished, self.finish_reason)
+                             self.finished, self.finish_reason, logprobs)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20  # top alternatives a request may ask for, as OpenAI allows
 
 
 @dataclass(frozen=True)
@@ -16,7 +19,9 @@ class SamplingParams:
     negative ones of every token of the prompt and the output; presence_penalty is
     subtracted once from each token already generated, frequency_penalty once per time it
     was generated (OpenAI's definitions). stop_token_ids and stop (strings) end the request
-    and are not part of its output. seed makes sampling reproducible."""
+    and are not part of its output. seed makes sampling reproducible. logprobs (None: off):
+    each generated token also carries its log-probability and that of the `logprobs` most
+    likely tokens, under the model's raw logits (before penalties and temperature)."""
 
     max_tokens: int | None = 16
     temperature: float = 1.0
@@ -29,6 +34,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -54,6 +60,23 @@ class SamplingParams:
             _check_int("seed", self.seed, low=0)
             if self.seed >= 2**64:  # what a torch.Generator takes
                 raise ValueError(f"seed={self.seed} must be an int in [0, 2**64)")
+
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, low=0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs={self.logprobs} must be an int in [0, "
+                                 f"{MAX_LOGPROBS}]")
+
+    def for_choices(self, n: int) -> list[SamplingParams]:
+        """The params of n independent choices of one prompt: with a seed, choice i uses
+        seed + i, so the choices differ and each is reproducible."""
+        _check_int("n", n, low=1)
+        if self.seed is None:
+            return [self] * n
+        if self.seed + n - 1 >= 2**64:
+            raise ValueError(f"seed={self.seed} with n={n}: choice i uses seed + i, which "
+                             "must stay below 2**64")
+        return [dataclasses.replace(self, seed=self.seed + i) for i in range(n)]
 
     @property
     def greedy(self) -> bool:
