@@ -140,7 +140,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise
         raise ValueError(f"serving needs {err.name}, which is not installed: "
                          "pip install 'hybridlm[serve]'") from None
-    engine, name, template = load_engine(args.model, args.max_batch, args.device)
+    engine, name, template = load_engine(args.model, args.max_batch, args.device,
+                                         args.queue_timeout)
     run_server(uvicorn, engine, name, template, args.host, args.port, args.api_key)
 
 
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on the /v1 routes")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--queue-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a request that finds no free cache row within this long gets a 503 "
+                        "(default 60)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("presets", help="list presets with total and active parameter counts")

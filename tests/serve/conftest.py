@@ -44,3 +44,9 @@ def live(model_dir) -> Iterator[Live]:
 @pytest.fixture(scope="module")
 def live_with_key(model_dir) -> Iterator[Live]:
     yield from serve_in_thread(model_dir, api_key=API_KEY)
+
+
+@pytest.fixture(scope="module")
+def live_one_row(model_dir) -> Iterator[Live]:
+    """One cache row, and a request waits at most 0.3 s for it."""
+    yield from serve_in_thread(model_dir, max_batch=1, queue_timeout=0.3)

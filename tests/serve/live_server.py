@@ -21,9 +21,11 @@ MODEL_NAME = "tiny-history"
 API_KEY = "sk-test-key"
 
 
-def load_engine(model_dir: Path, max_batch: int = 4) -> Engine:
+def load_engine(model_dir: Path, max_batch: int = 4, queue_timeout: float | None = None
+                ) -> Engine:
     model = HybridLM.from_pretrained(model_dir)
-    return Engine(model, Tokenizer.from_file(model_dir), max_batch=max_batch)
+    return Engine(model, Tokenizer.from_file(model_dir), max_batch=max_batch,
+                  queue_timeout=queue_timeout)
 
 
 @dataclasses.dataclass
@@ -33,8 +35,9 @@ class Live:
     template: ChatTemplate
 
 
-def serve_in_thread(model_dir: Path, api_key: str | None = None) -> Iterator[Live]:
-    engine = load_engine(model_dir)
+def serve_in_thread(model_dir: Path, api_key: str | None = None, **engine_options
+                    ) -> Iterator[Live]:
+    engine = load_engine(model_dir, **engine_options)
     template = ChatTemplate.load(model_dir)
     app = build_app(engine, MODEL_NAME, api_key=api_key, chat_template=template)
     sock = socket.socket()

@@ -46,7 +46,15 @@ def test_completion_equals_the_engine_alone_plain_and_streamed(live, model_dir):
                                          temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason == reason
-    assert chunks[-1].usage.completion_tokens == count
+    assert all(c.usage is None for c in chunks)  # usage only when stream_options asks
+    chunks = list(api.completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == text
+    assert chunks[-2].choices[0].finish_reason == reason
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
+        len(ids), count)
 
 
 def test_token_id_prompts_and_stop_strings(live, model_dir):
@@ -76,6 +84,10 @@ def test_chat_renders_the_template_and_equals_the_engine(live, model_dir):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason == reason
+    usage = list(api.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=20, temperature=0, stream=True,
+        stream_options={"include_usage": True}))[-1]
+    assert usage.choices == [] and usage.usage.completion_tokens == count
 
 
 def test_32_concurrent_requests_each_get_their_answer_alone(live, model_dir):

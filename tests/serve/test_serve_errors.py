@@ -32,7 +32,17 @@ BAD = {  # name: (body, status, words the message must hold, param)
     "huge seed": ({"prompt": "Hi", "seed": 2**64}, 400, ["seed", "2**64"], "seed"),
     "five stops": ({"prompt": "Hi", "stop": list("abcde")}, 400, ["5", "at most 4"], "stop"),
     "empty stop": ({"prompt": "Hi", "stop": [""]}, 400, ["stop", "non-empty"], "stop"),
-    "n=2": ({"prompt": "Hi", "n": 2}, 400, ["n=2", "one choice"], "n"),
+    "n=17": ({"prompt": "Hi", "n": 17}, 400, ["n=17", "[1, 16]"], "n"),
+    "n=0": ({"prompt": "Hi", "n": 0}, 400, ["n=0", "[1, 16]"], "n"),
+    "seed + n": ({"prompt": "Hi", "seed": 2**64 - 1, "n": 2}, 400, ["seed", "2**64"], "seed"),
+    "top_k": ({"prompt": "Hi", "top_k": 0}, 400, ["top_k=0", ">= 1"], "top_k"),
+    "min_p": ({"prompt": "Hi", "min_p": 1.5}, 400, ["min_p=1.5", "[0, 1]"], "min_p"),
+    "repetition_penalty": ({"prompt": "Hi", "repetition_penalty": 0}, 400,
+                           ["repetition_penalty=0", "> 0"], "repetition_penalty"),
+    "logprobs": ({"prompt": "Hi", "logprobs": 21}, 400, ["logprobs=21", "[0, 20]"],
+                 "logprobs"),
+    "stream_options": ({"prompt": "Hi", "stream_options": {"include_usage": True}}, 400,
+                       ["stream_options", "stream: true"], "stream_options"),
     "token id": ({"prompt": [1, 10**6]}, 400, ["1000000", "vocab_size"], "prompt"),
 }
 
@@ -63,11 +73,16 @@ def test_a_bad_completion_is_refused_and_the_server_goes_on(live, case):
     (b'{"model": "tiny-history", "messages": []}', ["messages"]),
     (b'{"model": "tiny-history", "messages": [{"role": "robot", "content": "x"}]}', ["role"]),
     (b'{"model": "tiny-history", "messages": [{"role": "user", "content": 5}]}', ["content"]),
-    (b'{"model": "tiny-history", "messages": [{"role": "user", "content": "x"}], "n": 3}',
-     ["n=3"]),
+    (b'{"model": "tiny-history", "messages": [{"role": "user", "content": "x"}], "n": 17}',
+     ["n=17", "[1, 16]"]),
+    (b'{"model": "tiny-history", "messages": [{"role": "user", "content": "x"}], '
+     b'"top_logprobs": 2}', ["top_logprobs", "logprobs: true"]),
+    (b'{"model": "tiny-history", "messages": [{"role": "user", "content": "x"}], '
+     b'"logprobs": true, "top_logprobs": 21}', ["top_logprobs=21", "[0, 20]"]),
     (b'{"model": "tiny-history", "messages": [{"role": "user", "content": "x"}], '
      b'"max_completion_tokens": 0}', ["max_tokens", ">= 1"]),
-], ids=["malformed", "no messages", "role", "content type", "n", "max_completion_tokens"])
+], ids=["malformed", "no messages", "role", "content type", "n", "top_logprobs alone",
+        "top_logprobs", "max_completion_tokens"])
 def test_a_bad_chat_request_is_refused(live, body, words):
     response = httpx.post(live.url + "/v1/chat/completions", content=body,
                           headers={"content-type": "application/json"})

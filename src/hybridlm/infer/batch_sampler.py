@@ -204,14 +204,13 @@ class BatchSampler:
         """Tokens (R,) and the asked-for logprobs, packed as float64 (exact for ids below
         2**53 and for float32 values) and read with one `.tolist()`."""
         asking = [i for i, p in enumerate(params) if p.logprobs is not None]
-        top = max((params[i].logprobs for i in asking), default=0)
-        parts = [tokens.double()]
-        if asking:
-            which = host_to_device(asking, torch.long, self.device)
-            picked, best_ids, best_logprobs = logprob_rows(raw[which], tokens[which], top)
-            parts += [picked.double(), best_ids.double().flatten(),
-                      best_logprobs.double().flatten()]
-        values = torch.cat(parts).tolist()
+        if not asking:
+            return [(token, None) for token in tokens.tolist()]
+        top = max(params[i].logprobs for i in asking)
+        which = host_to_device(asking, torch.long, self.device)
+        picked, best_ids, best_logprobs = logprob_rows(raw[which], tokens[which], top)
+        values = torch.cat([tokens.double(), picked.double(), best_ids.double().flatten(),
+                            best_logprobs.double().flatten()]).tolist()
         rows = len(params)
         out: list[tuple[int, TokenLogprob | None]] = [(int(t), None) for t in values[:rows]]
         picked_at, ids_at = rows, rows + len(asking)

@@ -56,6 +56,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.pool = SlotPool(model, max_batch)
+        self.max_batch = max_batch
         self.device = self.pool.cache.lengths.device
         self.queue_timeout = queue_timeout
         self.sampler = BatchSampler(max_batch, model.config.vocab_size, self.device)

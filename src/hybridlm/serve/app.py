@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,7 +23,8 @@ from hybridlm.chat import ChatTemplate
 from hybridlm.infer.engine import Engine
 from hybridlm.infer.sampling_params import SamplingParams
 from hybridlm.serve.metrics import Metrics
-from hybridlm.serve.protocol import ChatRequest, CompletionRequest, RequestError
+from hybridlm.serve.protocol import ChatRequest, CompletionRequest, RequestError, SamplingFields
+from hybridlm.serve.reply import Reply
 from hybridlm.serve.worker import EngineWorker
 
 log = logging.getLogger("hybridlm.serve")
@@ -139,9 +138,9 @@ def _add_routes(app: FastAPI, served: Served) -> None:
         _check_model(served, body.model)
         tokenizer = served.engine.tokenizer
         prompt = tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else body.prompt
-        params = body.sampling_params(body.max_tokens,
-                                      stop_token_ids=(tokenizer.eos_token_id,))
-        return await _answer(served, request, "completions", prompt, params, body.stream)
+        params = body.sampling_params(body.max_tokens, stop_token_ids=(tokenizer.eos_token_id,),
+                                      logprobs=body.logprobs)
+        return await _answer(served, request, "completions", prompt, params, body)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -152,8 +151,8 @@ def _add_routes(app: FastAPI, served: Served) -> None:
         max_tokens = (body.max_tokens if body.max_completion_tokens is None
                       else body.max_completion_tokens)
         params = body.sampling_params(max_tokens, tuple(served.template.stop_strings()),
-                                      (tokenizer.eos_token_id,))
-        return await _answer(served, request, "chat", prompt, params, body.stream)
+                                      (tokenizer.eos_token_id,), body.engine_logprobs())
+        return await _answer(served, request, "chat", prompt, params, body)
 
 
 def _check_model(served: Served, model: str) -> None:
@@ -164,114 +163,92 @@ def _check_model(served: Served, model: str) -> None:
 
 
 async def _answer(served: Served, request: Request, endpoint: str, prompt: list[int],
-                  params: SamplingParams, stream: bool):
+                  params: SamplingParams, body: SamplingFields):
+    """Run the body's n choices; the whole answer, or a stream once the first delta is in
+    (so a request refused for want of a cache row is still a plain 503)."""
     try:
-        request_id, queue = await served.worker.submit(prompt, params)
+        request_ids, queue = await served.worker.submit(prompt, params, body.n)
     except ValueError as err:
         raise RequestError(str(err), param="prompt") from None
     served.metrics.request(endpoint, len(prompt))
-    reply = Reply(endpoint, served.model_name, len(prompt))
-    if stream:
-        return StreamingResponse(_stream(served, request_id, queue, reply),
-                                 media_type="text/event-stream")
+    reply = Reply(endpoint, served.model_name, len(prompt), body.n, served.engine.tokenizer,
+                  logprobs=params.logprobs is not None, include_usage=body.include_usage)
+    streaming = False
     try:
         while True:
-            try:
-                delta = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return None
-                continue
-            reply.add(delta)
-            if delta.finished:
+            item = await _next(queue, request)
+            if item is None:  # the client went away
+                return None
+            reply.add(*item)
+            _raise_refused(served, reply)
+            if reply.failure:
+                break
+            if body.stream:
+                streaming = True  # from here the stream's own `finally` cancels
+                return StreamingResponse(_stream(served, request_ids, queue, reply, item),
+                                         media_type="text/event-stream")
+            if reply.done:
                 break
     finally:
-        served.worker.cancel(request_id)
+        if not streaming:
+            _cancel(served, request_ids)
     if reply.failure:
         return JSONResponse(error_body(reply.failure, "server_error"), 500)
     return reply.whole()
 
 
-async def _stream(served: Served, request_id: int, queue: asyncio.Queue, reply: Reply
-                  ) -> AsyncIterator[str]:
-    """SSE: a chunk per delta, the last with finish_reason and usage, then [DONE]. A client
-    that goes away cancels this generator; `finally` then frees the request's row."""
+async def _next(queue: asyncio.Queue, request: Request):
+    """The next (index, delta) pair, or None once the client has hung up."""
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            if await request.is_disconnected():
+                return None
+
+
+def _raise_refused(served: Served, reply: Reply) -> None:
+    if reply.timed_out:
+        engine = served.engine
+        raise RequestError(
+            f"no free cache row within the queue timeout of {engine.queue_timeout} s "
+            f"(--queue-timeout): all {engine.max_batch} rows (--max-batch) are busy; retry "
+            "later", 503, kind="server_error", code="queue_timeout")
+
+
+def _cancel(served: Served, request_ids: list[int]) -> None:
+    for request_id in request_ids:
+        served.worker.cancel(request_id)
+
+
+async def _stream(served: Served, request_ids: list[int], queue: asyncio.Queue, reply: Reply,
+                  first: tuple) -> AsyncIterator[str]:
+    """SSE: a chunk per delta (each choice's last with its finish_reason), then with
+    stream_options.include_usage a chunk of usage alone, then [DONE]. A client that goes
+    away cancels this generator; `finally` then frees the requests' rows."""
     try:
         if reply.endpoint == "chat":
-            yield _sse(reply.chunk({"role": "assistant", "content": ""}, None))
+            for chunk in reply.role_chunks():
+                yield _sse(chunk)
+        item = first
         while True:
-            delta = await queue.get()
-            reply.add(delta)
-            if reply.failure:
-                yield _sse(error_body(reply.failure, "server_error"))
+            if reply.failure or reply.timed_out:
+                message = reply.failure or "a choice found no free cache row in time"
+                yield _sse(error_body(message, "server_error"))
                 break
-            if delta.text or delta.finished:
-                yield _sse(reply.delta_chunk(delta.text, reply.finish_reason
-                                             if delta.finished else None))
-            if delta.finished:
+            chunk = reply.delta_chunk(*item)
+            if chunk is not None:
+                yield _sse(chunk)
+            if reply.done:
+                if reply.include_usage:
+                    yield _sse(reply.usage_chunk())
                 break
+            item = await queue.get()
+            reply.add(*item)
         yield "data: [DONE]\n\n"
     finally:
-        served.worker.cancel(request_id)
+        _cancel(served, request_ids)
 
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
-
-
-class Reply:
-    """One request's answer being built from its deltas, in either endpoint's shape."""
-
-    def __init__(self, endpoint: str, model: str, prompt_tokens: int) -> None:
-        self.endpoint, self.model, self.prompt_tokens = endpoint, model, prompt_tokens
-        self.id = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.text, self.completion_tokens = "", 0
-        self.finish_reason: str | None = None
-        self.failure: str | None = None
-
-    def add(self, delta) -> None:
-        self.text += delta.text
-        self.completion_tokens += delta.token_id is not None
-        if delta.finished:
-            reason = delta.finish_reason or ""
-            if reason.startswith("error:"):
-                self.failure = f"generation failed ({reason[len('error: '):]})"
-            # "context": the cache is full, which OpenAI calls running out of length
-            self.finish_reason = "length" if reason == "context" else reason
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-    def _head(self, chunk: bool) -> dict:
-        kind = ("chat.completion" if self.endpoint == "chat" else "text_completion")
-        return {"id": self.id, "object": kind + (".chunk" if chunk and self.endpoint == "chat"
-                                                 else ""),
-                "created": self.created, "model": self.model}
-
-    def whole(self) -> dict:
-        if self.endpoint == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": self.text},
-                      "finish_reason": self.finish_reason, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": self.text, "finish_reason": self.finish_reason,
-                      "logprobs": None}
-        return {**self._head(False), "choices": [choice], "usage": self.usage()}
-
-    def chunk(self, delta: dict, finish_reason: str | None) -> dict:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason,
-                  "logprobs": None}
-        return {**self._head(True), "choices": [choice]}
-
-    def delta_chunk(self, text: str, finish_reason: str | None) -> dict:
-        if self.endpoint == "chat":
-            body = self.chunk({"content": text} if text else {}, finish_reason)
-        else:
-            body = {**self._head(True), "choices": [{"index": 0, "text": text,
-                                                     "finish_reason": finish_reason,
-                                                     "logprobs": None}]}
-        if finish_reason is not None:
-            body["usage"] = self.usage()
-        return body

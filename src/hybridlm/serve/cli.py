@@ -3,6 +3,7 @@ SIGTERM / Ctrl-C, then let in-flight requests finish (for at most GRACE_S) and r
 
 from __future__ import annotations
 
+import math
 import signal
 import socket
 import threading
@@ -19,12 +20,15 @@ from hybridlm.serve.app import build_app
 GRACE_S = 30  # the longest a shutdown waits for requests still running
 
 
-def load_engine(model_dir: str, max_batch: int, device: str
+def load_engine(model_dir: str, max_batch: int, device: str, queue_timeout: float = 60.0
                 ) -> tuple[Engine, str, ChatTemplate]:
     """An Engine over the model directory's model and tokenizer, the name it is served as
     (the directory's name) and its chat template."""
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"--max-batch {max_batch} must be an int >= 1")
+    if not (math.isfinite(queue_timeout) and queue_timeout > 0):
+        raise ValueError(f"--queue-timeout {queue_timeout} must be a finite number of "
+                         "seconds > 0")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
     model = HybridLM.from_pretrained(model_dir).to(device).eval()
@@ -33,7 +37,7 @@ def load_engine(model_dir: str, max_batch: int, device: str
         raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but "
                          f"the model's vocab_size is {model.config.vocab_size}: the "
                          "tokenizer.json there is not the one the model was trained with")
-    engine = Engine(model, tokenizer, max_batch=max_batch)
+    engine = Engine(model, tokenizer, max_batch=max_batch, queue_timeout=queue_timeout)
     return engine, Path(model_dir).resolve().name, ChatTemplate.load(model_dir)
 
 

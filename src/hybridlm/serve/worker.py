@@ -23,11 +23,13 @@ from hybridlm.serve.metrics import Metrics
 
 @dataclass
 class Subscriber:
-    """Where one request's deltas go: an asyncio queue fed from the engine thread."""
+    """Where one engine request's deltas go: an asyncio queue fed from the engine thread,
+    as (index, delta) pairs; index: which of the HTTP request's choices it is."""
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     started: float  # time.monotonic() when it was submitted (for time to first token)
+    index: int = 0
     first_seen: bool = False
 
 
@@ -44,20 +46,24 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name="hybridlm-engine", daemon=True)
         self._thread.start()
 
-    async def submit(self, prompt_ids: Sequence[int], params: SamplingParams
-                     ) -> tuple[int, asyncio.Queue]:
-        """Queue a request (ValueError as `Engine.add_request` raises it); its id and the
-        queue its StreamDelta items arrive on, the last one with finished=True."""
-        subscriber = Subscriber(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
-        return await asyncio.to_thread(self._add, prompt_ids, params, subscriber)
+    async def submit(self, prompt_ids: Sequence[int], params: SamplingParams, n: int = 1
+                     ) -> tuple[list[int], asyncio.Queue]:
+        """Queue n choices of a prompt (`Engine.add_choices`, whose ValueError it raises);
+        their request ids and the one queue their (index, StreamDelta) pairs arrive on,
+        each choice's last delta with finished=True."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        return await asyncio.to_thread(self._add, prompt_ids, params, n, loop, queue)
 
-    def _add(self, prompt_ids: Sequence[int], params: SamplingParams, subscriber: Subscriber
-             ) -> tuple[int, asyncio.Queue]:
+    def _add(self, prompt_ids: Sequence[int], params: SamplingParams, n: int,
+             loop: asyncio.AbstractEventLoop, queue: asyncio.Queue
+             ) -> tuple[list[int], asyncio.Queue]:
+        started = time.monotonic()
         with self._wake:
-            request_id = self.engine.add_request(prompt_ids, params)
-            self._subscribers[request_id] = subscriber
+            request_ids = self.engine.add_choices(prompt_ids, params, n)
+            for index, request_id in enumerate(request_ids):
+                self._subscribers[request_id] = Subscriber(loop, queue, started, index)
             self._wake.notify()
-        return request_id, subscriber.queue
+        return request_ids, queue
 
     def cancel(self, request_id: int) -> None:
         """Drop a request (finished or not) from the engine before its next step, freeing its
@@ -105,10 +111,11 @@ class EngineWorker:
             request = self.engine.requests[request_id]
             while request.deltas:
                 delta = request.deltas.popleft()
-                if not subscriber.first_seen:
+                if not subscriber.first_seen and delta.finish_reason != "timeout":
                     subscriber.first_seen = True
                     self.metrics.first_token(time.monotonic() - subscriber.started)
-                subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, delta)
+                subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait,
+                                                     (subscriber.index, delta))
             if request.finished:
                 self.metrics.tokens_out += len(request.tokens)
                 del self._subscribers[request_id]
@@ -118,6 +125,7 @@ class EngineWorker:
         """Every pending request ends with an error delta; the engine starts over empty."""
         failure = StreamDelta(None, "", True, f"error: {type(err).__name__}: {err}")
         for request_id, subscriber in self._subscribers.items():
-            subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, failure)
+            subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait,
+                                                 (subscriber.index, failure))
             self.engine.cancel(request_id)
         self._subscribers.clear()
