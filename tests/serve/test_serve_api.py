@@ -4,6 +4,7 @@ usage counts; /v1/models, /health, /metrics."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -46,7 +47,11 @@ def test_completion_equals_the_engine_alone_plain_and_streamed(live, model_dir):
                                          temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason == reason
-    assert all(c.usage is None for c in chunks)  # usage only when stream_options asks
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", live.url + "/v1/completions", json=body) as response:
+        raw = [json.loads(line[6:]) for line in response.iter_lines()
+               if line.startswith("data: {")]
+    assert raw and not any("usage" in c for c in raw)  # only when stream_options asks
     chunks = list(api.completions.create(
         model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=24, temperature=0, stream=True,
         stream_options={"include_usage": True}))

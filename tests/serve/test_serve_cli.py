@@ -86,6 +86,8 @@ def test_without_fastapi_serve_is_a_one_line_error(model_dir, capsys, monkeypatc
     (["--max-batch", "0"], ["--max-batch", ">= 1"]),
     (["--port", "70000"], ["--port", "70000"]),
     (["--api-key", ""], ["--api-key", "empty"]),
+    (["--queue-timeout", "0"], ["--queue-timeout", "> 0"]),
+    (["--queue-timeout", "nan"], ["--queue-timeout", "finite"]),
 ])
 def test_bad_serve_flags_are_one_line_errors(model_dir, capsys, argv, words):
     assert_one_line_error(["serve", "--model", model_dir, *argv], *words, capsys=capsys)
