@@ -89,11 +89,13 @@ def penalised_rows(logits: torch.Tensor, knobs: RowKnobs, counts: torch.Tensor,
             - knobs.presence[:, None] * (counts > 0).to(logits.dtype))
 
 
-def top_k_masked(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """logits (R, V) with every token below the row's k-th largest at -inf; top_k (R,)
-    long (V: keeps all)."""
-    ordered = logits.sort(dim=-1, descending=True).values  # (R, V)
-    kth = ordered.gather(1, (top_k - 1)[:, None])  # (R, 1)
+def top_k_masked(logits: torch.Tensor, top_k: torch.Tensor, k_max: int) -> torch.Tensor:
+    """logits (R, V) with every token below the row's k-th largest at -inf; top_k (R,) long
+    (V: off); k_max: the largest k of a row that is on (a top-k of k_max, not a sort)."""
+    vocab = logits.shape[-1]
+    best = logits.topk(k_max, dim=-1).values  # (R, k_max), descending
+    kth = best.gather(1, (top_k.clamp(max=k_max) - 1)[:, None])  # (R, 1)
+    kth = torch.where(top_k[:, None] < vocab, kth, float("-inf"))
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
@@ -106,7 +108,8 @@ def min_p_masked(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def top_p_masked(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """logits (R, V) with the tokens outside each row's top_p nucleus at -inf; rows with
     top_p 1.0 are left alone (rounding in the cumulative sum could otherwise drop tail
-    tokens the reference keeps)."""
+    tokens the reference keeps). Sorts after top-k / min-p, as the reference does: the
+    tokens they dropped tie at -inf, which makes the sort cheap on the CPU."""
     ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # (R, V)
     probs = ordered.softmax(dim=-1)
     drop = (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]
@@ -120,8 +123,9 @@ def narrowed_batch(logits: torch.Tensor, knobs: RowKnobs, params: Sequence[Sampl
     SamplingParams, read on the host only to skip the masks no row uses."""
     vocab = logits.shape[-1]
     logits = (logits - logits.amax(dim=-1, keepdim=True)) * knobs.inverse_temperature[:, None]
-    if any(p.top_k is not None and p.top_k < vocab for p in params):
-        logits = top_k_masked(logits, knobs.top_k)
+    k_on = [p.top_k for p in params if p.top_k is not None and p.top_k < vocab]
+    if k_on:
+        logits = top_k_masked(logits, knobs.top_k, max(k_on))
     if any(p.min_p > 0 for p in params):
         logits = min_p_masked(logits, knobs.min_p)
     if any(p.top_p < 1.0 for p in params):
@@ -192,8 +196,16 @@ class BatchSampler:
 
     def _noise(self, shape: torch.Size, params: Sequence[SamplingParams],
                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-        """Exp(1) noise (R, V): the shared generator's, then each seeded row's own."""
-        noise = torch.empty(shape, device=self.device).exponential_(generator=self.generator)
+        """Exp(1) noise (R, V) of the rows that draw: a seeded row's from its own
+        generator, the others' from the shared one in one call (greedy rows: ones, unread)."""
+        unseeded = [i for i, p in enumerate(params) if p.seed is None and not p.greedy]
+        if len(unseeded) == len(params):
+            return torch.empty(shape, device=self.device).exponential_(generator=self.generator)
+        noise = torch.ones(shape, device=self.device)
+        if unseeded:
+            noise[host_to_device(unseeded, torch.long, self.device)] = torch.empty(
+                len(unseeded), shape[-1], device=self.device).exponential_(
+                    generator=self.generator)
         for i, (p, generator) in enumerate(zip(params, generators, strict=True)):
             if p.seed is not None and not p.greedy:
                 noise[i].exponential_(generator=generator)
