@@ -5,12 +5,12 @@ graphs with the same tokens."""
 
 import pytest
 import torch
-from test_compile import HostReadWatch
-from test_engine import LENGTHS, MAX_TOKENS, STACKS, prompts, staggered
+from test_engine import MAX_TOKENS, STACKS, prompts, staggered
 
 from hybridlm.infer.decode_graphs import DecodeGraphs, buckets
 from hybridlm.infer.engine import Engine
 from hybridlm.infer.sampling_params import SamplingParams
+from test_compile import HostReadWatch
 
 STATIC_STACKS = {**STACKS, "mla_plain": dict(mixer_pattern="L", mla_absorb=False)}
 
@@ -96,6 +96,20 @@ def test_the_static_decode_step_reads_no_tensor_value_on_the_host(make_history_m
     assert watch.reads == []
 
 
+def test_the_compiled_static_step_gives_the_eager_engines_tokens(make_history_model):
+    """fullgraph: the decode forward (every mixer, token-routed and learned experts, mu)
+    traces as one graph; aot_eager traces what inductor would, without code generation."""
+    model = make_history_model(mixer_pattern="AML", num_hidden_layers=3, mlp_pattern="TED",
+                               mu_guidance=True)
+    eager = staggered(Engine(model, max_batch=3, prefill_chunk=4), requests()[:3])
+    engine = Engine(model, max_batch=3, prefill_chunk=4, cuda_graphs=False)
+    engine.graphs = DecodeGraphs(model, engine.pool, capture=False, compile=True,
+                                 backend="aot_eager")
+    compiled = staggered(engine, requests()[:3])
+    assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
+    assert all(len(set(o.token_ids)) >= 4 for o in compiled)
+
+
 def test_cuda_graphs_are_off_on_cpu_and_refused_when_asked(make_history_model):
     model = make_history_model(**STACKS["gqa"])
     assert Engine(model, max_batch=2).graphs is None
@@ -103,6 +117,22 @@ def test_cuda_graphs_are_off_on_cpu_and_refused_when_asked(make_history_model):
         Engine(model, max_batch=2, cuda_graphs=True)
     with pytest.raises(ValueError, match="cuda_graphs='yes'"):
         Engine(model, max_batch=2, cuda_graphs="yes")
+    with pytest.raises(ValueError, match="compile_decode=True .* needs cuda_graphs"):
+        Engine(model, max_batch=2, compile_decode=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_cuda_graph_decode_gives_the_eager_engines_tokens(make_history_model, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = make_history_model(**STACKS["mixed"], mu_guidance=True).to("cuda", dtype)
+    eager = staggered(Engine(model, max_batch=3, prefill_chunk=4, cuda_graphs=False),
+                      requests())
+    engine = Engine(model, max_batch=3, prefill_chunk=4, compile_decode=True)
+    graphed = staggered(engine, requests())
+    assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
+    assert all(len(set(o.token_ids)) >= 4 for o in graphed)
 
 
 @pytest.mark.gpu

@@ -42,11 +42,19 @@ def buckets(limit: int, smallest: int = 1) -> list[int]:
 
 class DecodeGraphs:
     """Runs decode steps over the rows of `pool` with static shapes; `capture` (default: on
-    when the pool lives on a CUDA device) records each bucket into a CUDA graph."""
+    when the pool lives on a CUDA device) records each bucket into a CUDA graph.
 
-    def __init__(self, model, pool: SlotPool, capture: bool | None = None) -> None:
+    compile: the step's forward also goes through `torch.compile(fullgraph=True)` (fused
+    elementwise work: fewer, larger kernels in each graph), at the price of a compilation
+    on first use (tens of seconds; the rows and window turn dynamic at their second value,
+    so later buckets reuse it). `backend`: torch.compile's (tests use "aot_eager")."""
+
+    def __init__(self, model, pool: SlotPool, capture: bool | None = None,
+                 compile: bool = False, backend: str = "inductor") -> None:
         self.model = model
         self.pool = pool
+        if compile:
+            self.forward = torch.compile(self.forward, fullgraph=True, backend=backend)
         device = pool.cache.lengths.device
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
@@ -119,13 +127,17 @@ class DecodeGraphs:
         """One static decode forward of rows 0 .. rows-1 -> logits (rows, V); writes the new
         lengths back to the pool in place (so a graph replay does too)."""
         view = self._view(rows, window)
-        ids = self.inputs[0, :rows, None]  # (R, 1)
-        logits = self.model(ids, cache=view, input_lengths=self.inputs[1, :rows]).logits
+        logits = self.forward(self.inputs[0, :rows, None], view, self.inputs[1, :rows])
         pool = self.pool.cache
         pool.lengths[:rows].copy_(view.lengths)
         for layer in pool.layers:
             layer.lengths[:rows].copy_(view.lengths)
-        return logits[:, 0]  # (R, V)
+        return logits
+
+    def forward(self, ids: torch.Tensor, view: ModelCache, input_lengths: torch.Tensor
+                ) -> torch.Tensor:
+        """ids (R, 1), input_lengths (R,) -> the logits (R, V) of the step."""
+        return self.model(ids, cache=view, input_lengths=input_lengths).logits[:, 0]
 
     def _view(self, rows: int, window: int) -> ModelCache:
         """The pool's rows 0 .. rows-1 as a ModelCache with a key window. Every layer reads

@@ -30,10 +30,16 @@ from hybridlm.ops.dispatch import current_impl
 class Engine:
     """Serves requests on `model` (put in eval mode) with a pool of max_batch cache rows of
     max_position_embeddings tokens each. tokenizer (anything with `decode(ids) -> str`):
-    needed for text, streaming text and stop strings."""
+    needed for text, streaming text and stop strings.
+
+    cuda_graphs (None: on for a model on a CUDA device, unless `hybridlm.ops` is forced to
+    the reference): decode steps replay CUDA graphs captured per batch-size and key-window
+    bucket (infer/decode_graphs.py). compile_decode: those steps are also compiled
+    (`torch.compile`, fullgraph), which costs a compilation on first use."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 8,
-                 prefill_chunk: int = 512, cuda_graphs: bool | None = None) -> None:
+                 prefill_chunk: int = 512, cuda_graphs: bool | None = None,
+                 compile_decode: bool = False) -> None:
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or (
                 prefill_chunk < 1):
             raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1")
@@ -49,7 +55,11 @@ class Engine:
         if cuda_graphs is None:  # the reference switch of hybridlm.ops also turns graphs off
             cuda_graphs = self.device.type == "cuda" and current_impl() == "auto"
         # Decode steps run as captured CUDA graphs (see infer/decode_graphs.py), else eagerly.
-        self.graphs = DecodeGraphs(model, self.pool, capture=True) if cuda_graphs else None
+        if compile_decode and not cuda_graphs:
+            raise ValueError("compile_decode=True compiles the CUDA-graph decode step: it needs "
+                             "cuda_graphs (a model on a CUDA device)")
+        self.graphs = (DecodeGraphs(model, self.pool, capture=True, compile=compile_decode)
+                       if cuda_graphs else None)
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # row -> request
         self.requests: dict[int, Request] = {}
