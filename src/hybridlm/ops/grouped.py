@@ -11,6 +11,7 @@ SwiGLU, with every shape fixed by the input sizes (never by the routing's counts
   a gather and computed with batched matmuls. Sync-free in any dtype and on any device, and
   what a compiled graph uses off the fast path; it spends E * capacity / M times the FLOPs of
   the slots, so it is the fallback, not the fast path.
+  It is also the CUDA path for a few slots (decode steps), where it is the faster one.
 - the reference loop, for eager CPU work: there reading the counts costs no device wait, and
   one matmul per expert is the fastest CPU formulation (measured on the demo's sizes).
 
@@ -40,6 +41,13 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Te
     return order, counts
 
 
+# Up to this many slots (a decode step's tokens x top-k), the CUDA dispatch takes the padded
+# path: with so few rows per expert the SwiGLU is bound by reading the weights, which both
+# paths read once, and `torch._grouped_mm` costs about 10 us per call at any size (H100,
+# complexity-deep-187m decode at batch 1), three times a batched matrix-vector product.
+FEW_SLOTS = 64
+
+
 def grouped_swiglu(
     x_sorted: torch.Tensor,
     counts: torch.Tensor,
@@ -59,6 +67,11 @@ def grouped_swiglu(
     """
     if current_impl() == "reference":
         return grouped_swiglu_reference(x_sorted, counts, w_gate, w_up, w_down)
+    if fast_path_enabled(x_sorted) and x_sorted.shape[0] <= FEW_SLOTS:
+        # Decode-sized: every expert's weights are read once either way, and batched
+        # matrix-vector products beat the grouped GEMM's fixed cost (see FEW_SLOTS).
+        bound = x_sorted.shape[0] if capacity is None else min(capacity, x_sorted.shape[0])
+        return grouped_swiglu_padded(x_sorted, counts, w_gate, w_up, w_down, bound)
     if _grouped_mm_usable(x_sorted, w_gate, w_down):
         return grouped_swiglu_grouped_mm(
             x_sorted, counts, w_gate, w_up, w_down, mask_tail=not covers_all_rows
