@@ -122,6 +122,13 @@ def test_a_few_slots_on_the_fast_path_take_the_padded_path(monkeypatch):
     with ops.use_impl("reference"):
         ops.grouped_swiglu(x, counts, *ws)
     assert calls == [6, 4]
+    assert not ops.grouped._padded_is_cheaper(torch.zeros(65, H), ws[0])  # too many slots
+    many = torch.zeros(64, 1024, 2048)  # 64 experts of 1024 x 2048: too many idle weights
+    assert not ops.grouped._padded_is_cheaper(torch.zeros(2, 1024), many)
+    assert not ops.grouped._padded_is_cheaper(torch.zeros(64, 1024), many)  # 64x the FLOPs
+    four = torch.zeros(4, 768, 512)  # complexity-deep-187m's experts
+    assert ops.grouped._padded_is_cheaper(torch.zeros(1, 768), four)
+    assert ops.grouped._padded_is_cheaper(torch.zeros(64, 768), four)
 
 
 def test_the_ops_trace_with_fullgraph_and_match_eager():

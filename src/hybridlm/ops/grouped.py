@@ -41,11 +41,27 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Te
     return order, counts
 
 
-# Up to this many slots (a decode step's tokens x top-k), the CUDA dispatch takes the padded
-# path: with so few rows per expert the SwiGLU is bound by reading the weights, which both
-# paths read once, and `torch._grouped_mm` costs about 10 us per call at any size (H100,
-# complexity-deep-187m decode at batch 1), three times a batched matrix-vector product.
+# A decode step's few slots (tokens x top-k) are bound by reading expert weights. The grouped
+# GEMMs read only the experts that have slots but cost a fixed ~15 us per layer (three
+# `torch._grouped_mm` calls); the padded path reads every expert. So the CUDA dispatch takes
+# the padded path for at most FEW_SLOTS slots when the weights it reads beyond the grouped
+# GEMMs' take under ~15 us at the H100's ~2 TB/s: PADDED_EXTRA_BYTES. Measured on the H100,
+# complexity-deep-187m (4 experts of 768 x 512) decoding at batch 1: 4.78 -> 4.55 ms a step.
+# The padded path also computes every expert on all slots; PADDED_MAX_FLOPS keeps that
+# under ~5 us of tensor-core time.
 FEW_SLOTS = 64
+PADDED_EXTRA_BYTES = 32 * 2**20
+PADDED_MAX_FLOPS = 2.5e9
+
+
+def _padded_is_cheaper(x_sorted: torch.Tensor, w_gate: torch.Tensor) -> bool:
+    """Few slots, few enough idle experts that reading them costs less than the grouped
+    GEMMs' fixed cost, and little padded arithmetic (shapes only: counts are never read)."""
+    slots, (experts, hidden, width) = x_sorted.shape[0], w_gate.shape
+    idle_experts = experts - min(experts, slots)  # at least this many hold no slot
+    extra = idle_experts * 3 * hidden * width * w_gate.element_size()
+    flops = 6 * experts * slots * hidden * width  # three (E, slots) x (H, I) products
+    return slots <= FEW_SLOTS and extra <= PADDED_EXTRA_BYTES and flops <= PADDED_MAX_FLOPS
 
 
 def grouped_swiglu(
@@ -67,9 +83,8 @@ def grouped_swiglu(
     """
     if current_impl() == "reference":
         return grouped_swiglu_reference(x_sorted, counts, w_gate, w_up, w_down)
-    if fast_path_enabled(x_sorted) and x_sorted.shape[0] <= FEW_SLOTS:
-        # Decode-sized: every expert's weights are read once either way, and batched
-        # matrix-vector products beat the grouped GEMM's fixed cost (see FEW_SLOTS).
+    if fast_path_enabled(x_sorted) and _padded_is_cheaper(x_sorted, w_gate):
+        # Decode-sized: batched matrix-vector products beat the grouped GEMM's fixed cost.
         bound = x_sorted.shape[0] if capacity is None else min(capacity, x_sorted.shape[0])
         return grouped_swiglu_padded(x_sorted, counts, w_gate, w_up, w_down, bound)
     if _grouped_mm_usable(x_sorted, w_gate, w_down):
