@@ -210,7 +210,7 @@ class HybridLM(nn.Module):
         if segment_ids is not None:
             self._check_segment_ids(segment_ids, input_ids, cache)
         if cache is not None:
-            self._check_causal()
+            self.check_causal()
         self._check_input_lengths(input_lengths, input_ids, cache)
         seq = input_ids.shape[1]
         end = seq if cache is None else int(advanced(cache.lengths, seq, input_lengths).max())
@@ -312,7 +312,8 @@ class HybridLM(nn.Module):
         loss, and cached decoding / generate work. No effect on other layers."""
         return causal_routing(self, enabled)
 
-    def _check_causal(self) -> None:
+    def check_causal(self) -> None:
+        """ValueError unless the model can decode with a cache (see `is_causal`)."""
         if not self.is_causal:
             raise ValueError(
                 "moe_router='expert_choice' is not causal (an expert picks its tokens from the "
@@ -345,7 +346,7 @@ class HybridLM(nn.Module):
         right-padded rows (-> (B, T0 + n)); see `hybridlm.infer.generate.generate`."""
         from hybridlm.infer.generate import generate  # infer builds on the model: call down
 
-        self._check_causal()
+        self.check_causal()
         return generate(
             self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,

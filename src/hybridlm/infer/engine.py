@@ -35,7 +35,7 @@ class Engine:
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or (
                 prefill_chunk < 1):
             raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1")
-        model._check_causal()
+        model.check_causal()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
