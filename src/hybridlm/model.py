@@ -337,16 +337,16 @@ class HybridLM(nn.Module):
         tokenizer=None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | list[list[int]]:
-        """Continue input_ids (B, T0) by up to max_new_tokens with a KV cache -> (B, T0 + n).
-        do_sample=False is greedy. Sequences that emitted eos_token_id are padded with it, as
-        are those whose text reached one of `stop_strings` (decoded with `tokenizer`).
+        """Continue input_ids (B, T0) by up to max_new_tokens -> (B, T0 + n), on the model's
+        device. do_sample=False is greedy. Sequences that emitted eos_token_id are padded with
+        it, as are those whose text reached one of `stop_strings` (decoded with `tokenizer`).
 
         Prompts of different lengths: a list of id lists (-> a list of id lists, each prompt
         + its own new tokens), or input_ids with attention_mask (B, T0) for left- or
-        right-padded rows (-> (B, T0 + n)); see `hybridlm.infer.generate.generate`."""
+        right-padded rows (-> (B, T0 + n)). Runs every prompt as a request of the
+        continuous-batching engine; see `hybridlm.infer.generate.generate`."""
         from hybridlm.infer.generate import generate  # infer builds on the model: call down
 
-        self.check_causal()
         return generate(
             self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
