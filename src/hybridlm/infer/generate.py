@@ -86,11 +86,13 @@ def generate(
     generated text contains one of them; the output keeps the tokens up to the one that
     completed it (cut the text with `cut_at_stop_strings`). eos_token_id is then required.
 
-    Sampling (do_sample=True) draws every row from `generator` (on the model's device), in
-    turn, so the same generator state gives the same tokens; None: a generator seeded from
-    torch's global random state, so `torch.manual_seed` makes generate reproducible. The
-    random stream is not the one of hybridlm before the engine (which drew all rows at once
-    from a (B, V) multinomial): the same seed gives other tokens than it did then."""
+    Sampling (do_sample=True): every row draws in turn from `generator` (on the model's
+    device), so the same generator state gives the same tokens; None: a generator seeded
+    from torch's global random state, so `torch.manual_seed` makes generate reproducible.
+    The stream differs from hybridlm's generate before the engine, which drew all rows at
+    once from one (B, V) multinomial and kept drawing for rows that had ended: on CPU the
+    tokens were measured equal up to the first row that ends before the others and differ
+    after it; on CUDA a (B, V) multinomial and B (V,) ones need not draw alike at all."""
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if stop_strings is not None:
         _check_stop_strings(stop_strings, tokenizer, eos_token_id)
