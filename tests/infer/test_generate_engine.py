@@ -96,6 +96,12 @@ def test_bad_prompts_are_refused_before_the_engine_runs(make_model):
         model.generate(torch.ones(1, 0, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="at least one prompt"):
         model.generate([], 2)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match=f"eos_token_id={bad!r} must be an int >= 0"):
+            model.generate([[1]], 2, eos_token_id=bad)
+    eos = model.generate([[1]], 2, do_sample=False)[0][1]  # numpy / torch ints are ids too
+    assert model.generate([[1]], 2, do_sample=False, eos_token_id=torch.tensor(eos)) == [
+        [1, eos]]
 
 
 def test_add_request_takes_a_generator_or_a_seed(make_model):

@@ -8,6 +8,7 @@ Glossary: B batch, T0 prompt length (padded), n new tokens.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +38,19 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
         raise ValueError(f"top_k={top_k} must be >= 1 or None")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must lie in (0, 1] or be None")
+
+
+def _checked_eos(eos_token_id) -> int | None:
+    """eos_token_id as an int (numpy and 0-d torch integers too), ValueError if it is none."""
+    if eos_token_id is None:
+        return None
+    try:
+        eos = operator.index(eos_token_id) if not isinstance(eos_token_id, bool) else -1
+    except TypeError:
+        eos = -1
+    if eos < 0:
+        raise ValueError(f"eos_token_id={eos_token_id!r} must be an int >= 0 or None")
+    return eos
 
 
 def _check_stop_strings(strings, tokenizer, eos_token_id: int | None) -> None:
@@ -94,6 +108,7 @@ def generate(
     tokens were measured equal up to the first row that ends before the others and differ
     after it; on CUDA a (B, V) multinomial and B (V,) ones need not draw alike at all."""
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    eos_token_id = _checked_eos(eos_token_id)
     if stop_strings is not None:
         _check_stop_strings(stop_strings, tokenizer, eos_token_id)
     model.check_causal()
