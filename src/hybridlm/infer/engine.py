@@ -19,10 +19,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from hybridlm.infer.decode_graphs import DecodeGraphs
 from hybridlm.infer.request import Request, RequestOutput, StreamDelta
 from hybridlm.infer.sampler import next_token
 from hybridlm.infer.sampling_params import SamplingParams
 from hybridlm.infer.slots import SlotPool
+from hybridlm.ops.dispatch import current_impl
 
 
 class Engine:
@@ -32,16 +34,24 @@ class Engine:
     `decode(ids) -> str`): needed for text, streaming text and stop strings."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 8,
-                 prefill_chunk: int = 512, max_len: int | None = None) -> None:
+                 prefill_chunk: int = 512, max_len: int | None = None,
+                 cuda_graphs: bool | None = None) -> None:
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or (
                 prefill_chunk < 1):
             raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1")
+        if cuda_graphs not in (None, True, False):
+            raise ValueError(f"cuda_graphs={cuda_graphs!r} must be True, False or None (on "
+                             "when the model is on a CUDA device)")
         model.check_causal()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.pool = SlotPool(model, max_batch, max_len)
         self.device = self.pool.cache.lengths.device
+        if cuda_graphs is None:  # the reference switch of hybridlm.ops also turns graphs off
+            cuda_graphs = self.device.type == "cuda" and current_impl() == "auto"
+        # Decode steps run as captured CUDA graphs (see infer/decode_graphs.py), else eagerly.
+        self.graphs = DecodeGraphs(model, self.pool, capture=True) if cuda_graphs else None
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # row -> request
         self.requests: dict[int, Request] = {}
@@ -156,7 +166,15 @@ class Engine:
                 self._sample(request, logits[request.row - lo, len(chunks[request.row]) - 1])
 
     def _decode(self, requests: list[Request]) -> None:
-        """Feed every generating row its last token: one forward of (B, 1)."""
+        """Feed every generating row its last token: one forward of (B, 1), or one replay
+        of a CUDA graph."""
+        if self.graphs is not None:
+            # A row holds its prompt and every token but the one fed now; +1 for that one.
+            window = max(len(r.prompt) + len(r.tokens) for r in requests)
+            logits = self.graphs.decode({r.row: r.tokens[-1] for r in requests}, window)
+            for request in requests:  # logits (R, V) of rows 0 .. R-1
+                self._sample(request, logits[request.row])
+            return
         logits, lo = self._forward({r.row: r.tokens[-1:] for r in requests})  # (B', 1, V)
         for request in requests:
             self._sample(request, logits[request.row - lo, 0])
