@@ -223,7 +223,7 @@ class HybridLM(nn.Module):
         if segment_ids is not None:
             self._check_segment_ids(segment_ids, input_ids, cache)
         if cache is not None:
-            self._check_causal()
+            self.check_causal()
         if static:
             return
         self._check_input_lengths(input_lengths, input_ids, cache)
@@ -327,7 +327,8 @@ class HybridLM(nn.Module):
         loss, and cached decoding / generate work. No effect on other layers."""
         return causal_routing(self, enabled)
 
-    def _check_causal(self) -> None:
+    def check_causal(self) -> None:
+        """ValueError unless the model can decode with a cache (see `is_causal`)."""
         if not self.is_causal:
             raise ValueError(
                 "moe_router='expert_choice' is not causal (an expert picks its tokens from the "
@@ -351,16 +352,16 @@ class HybridLM(nn.Module):
         tokenizer=None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | list[list[int]]:
-        """Continue input_ids (B, T0) by up to max_new_tokens with a KV cache -> (B, T0 + n).
-        do_sample=False is greedy. Sequences that emitted eos_token_id are padded with it, as
-        are those whose text reached one of `stop_strings` (decoded with `tokenizer`).
+        """Continue input_ids (B, T0) by up to max_new_tokens -> (B, T0 + n), on the model's
+        device. do_sample=False is greedy. Sequences that emitted eos_token_id are padded with
+        it, as are those whose text reached one of `stop_strings` (decoded with `tokenizer`).
 
         Prompts of different lengths: a list of id lists (-> a list of id lists, each prompt
         + its own new tokens), or input_ids with attention_mask (B, T0) for left- or
-        right-padded rows (-> (B, T0 + n)); see `hybridlm.infer.generate.generate`."""
+        right-padded rows (-> (B, T0 + n)). Runs every prompt as a request of the
+        continuous-batching engine; see `hybridlm.infer.generate.generate`."""
         from hybridlm.infer.generate import generate  # infer builds on the model: call down
 
-        self._check_causal()
         return generate(
             self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,

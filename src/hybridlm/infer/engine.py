@@ -29,8 +29,9 @@ from hybridlm.ops.dispatch import current_impl
 
 class Engine:
     """Serves requests on `model` (put in eval mode) with a pool of max_batch cache rows of
-    max_position_embeddings tokens each. tokenizer (anything with `decode(ids) -> str`):
-    needed for text, streaming text and stop strings.
+    max_len tokens each (None: max_position_embeddings; a smaller pool for callers that know
+    their requests' lengths, as `HybridLM.generate`). tokenizer (anything with
+    `decode(ids) -> str`): needed for text, streaming text and stop strings.
 
     cuda_graphs (None: on for a model on a CUDA device, unless `hybridlm.ops` is forced to
     the reference): decode steps replay CUDA graphs captured per batch-size and key-window
@@ -38,19 +39,19 @@ class Engine:
     (`torch.compile`, fullgraph), which costs a compilation on first use."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 8,
-                 prefill_chunk: int = 512, cuda_graphs: bool | None = None,
-                 compile_decode: bool = False) -> None:
+                 prefill_chunk: int = 512, max_len: int | None = None,
+                 cuda_graphs: bool | None = None, compile_decode: bool = False) -> None:
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or (
                 prefill_chunk < 1):
             raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1")
         if cuda_graphs not in (None, True, False):
             raise ValueError(f"cuda_graphs={cuda_graphs!r} must be True, False or None (on "
                              "when the model is on a CUDA device)")
-        model._check_causal()
+        model.check_causal()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
-        self.pool = SlotPool(model, max_batch)
+        self.pool = SlotPool(model, max_batch, max_len)
         self.device = self.pool.cache.lengths.device
         if cuda_graphs is None:  # the reference switch of hybridlm.ops also turns graphs off
             cuda_graphs = self.device.type == "cuda" and current_impl() == "auto"
@@ -66,21 +67,29 @@ class Engine:
         self._next_id = 0
 
     # --- requests -------------------------------------------------------------------------
-    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None
-                    ) -> int:
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                    generator: torch.Generator | None = None) -> int:
         """Queue a prompt; returns its request id. ValueError (the engine goes on serving the
         others) for an empty prompt, ids outside the vocab, stop strings without a
-        tokenizer, or prompt + max_tokens (1 when None) beyond max_position_embeddings."""
+        tokenizer, or prompt + max_tokens (1 when None) beyond the pool's rows.
+
+        generator: the torch.Generator (on the engine's device) the request draws its
+        samples from, instead of one seeded from params.seed (give one or the other). It is
+        used as is, not copied: requests sharing one draw in turn from one stream."""
         params = params if params is not None else SamplingParams()
         prompt = self._checked_prompt(prompt_ids)
         limit, wanted = self.pool.capacity, params.max_tokens or 1
         if len(prompt) + wanted > limit:
+            what = ("max_position_embeddings" if limit == self.model.config.max_position_embeddings
+                    else "the engine's max_len")
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({wanted}) = "
-                             f"{len(prompt) + wanted} exceeds max_position_embeddings={limit}")
+                             f"{len(prompt) + wanted} exceeds {what}={limit}")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop={params.stop!r} needs the engine's tokenizer to read the "
                              "text; build Engine(model, tokenizer)")
-        request = Request(self._next_id, prompt, params, self.tokenizer, self.device)
+        self._check_generator(generator, params)
+        request = Request(self._next_id, prompt, params, self.tokenizer, self.device,
+                          generator=generator)
         self._next_id += 1
         self.requests[request.id] = request
         self.waiting.append(request)
@@ -96,6 +105,19 @@ class Engine:
             raise ValueError(f"prompt_ids holds token id {bad[0]}, outside [0, "
                              f"vocab_size={vocab})")
         return prompt
+
+    def _check_generator(self, generator: torch.Generator | None,
+                         params: SamplingParams) -> None:
+        if generator is None:
+            return
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator={generator!r} must be a torch.Generator or None")
+        if params.seed is not None:
+            raise ValueError(f"generator and seed={params.seed} both given: a request draws "
+                             "from one of them; pass one")
+        if generator.device != self.device:
+            raise ValueError(f"generator is on {generator.device} but the engine samples on "
+                             f"{self.device}; make it with torch.Generator(device=...)")
 
     def output(self, request_id: int) -> RequestOutput:
         return self.requests[request_id].output()

@@ -14,7 +14,9 @@ from hybridlm.infer.sampling_params import SamplingParams
 @dataclass
 class RequestOutput:
     """A request's result so far. finish_reason: "length" (max_tokens), "stop" (a stop
-    token id or string; neither is in token_ids / text), "context" (the cache is full)."""
+    token id or string; neither is in token_ids / text), "context" (the cache is full).
+    stop_token_id: the stop token id that ended it (None otherwise), so a caller can tell
+    which stop it was (the token that completed a stop string is in token_ids)."""
 
     request_id: int
     prompt_ids: list[int]
@@ -22,6 +24,7 @@ class RequestOutput:
     text: str | None
     finished: bool
     finish_reason: str | None
+    stop_token_id: int | None = None
 
 
 @dataclass
@@ -33,6 +36,7 @@ class StreamDelta:
     text: str
     finished: bool
     finish_reason: str | None
+    stop_token_id: int | None = None
 
 
 @dataclass
@@ -47,13 +51,16 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     deltas: deque = field(default_factory=deque)
+    generator: torch.Generator | None = None  # None: one of its own, from params.seed
+    stop_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        self.generator = torch.Generator(device=self.device)
-        if self.params.seed is not None:
-            self.generator.manual_seed(self.params.seed)
-        else:
-            self.generator.seed()
+        if self.generator is None:
+            self.generator = torch.Generator(device=self.device)
+            if self.params.seed is not None:
+                self.generator.manual_seed(self.params.seed)
+            else:
+                self.generator.seed()
         self.prompt_tensor = torch.tensor(self.prompt, dtype=torch.long, device=self.device)
         self.detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
         self.stop_text = StopText(self.params.stop)
@@ -72,6 +79,7 @@ class Request:
     def accept(self, token: int, context_full: bool) -> None:
         """Record a sampled token and decide whether the request ends with it."""
         if token in self.params.stop_token_ids:
+            self.stop_token_id = token
             self._finish("stop", None)
             return
         self.tokens.append(token)
@@ -96,4 +104,4 @@ class Request:
     def output(self) -> RequestOutput:
         text = self.stop_text.text if self.detok is not None else None
         return RequestOutput(self.id, list(self.prompt), list(self.tokens), text,
-                             self.finished, self.finish_reason)
+                             self.finished, self.finish_reason, self.stop_token_id)

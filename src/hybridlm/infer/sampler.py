@@ -51,6 +51,9 @@ def narrowed(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def next_token(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor,
                output: torch.Tensor, generator: torch.Generator | None) -> int:
     """logits (V,) of one request -> its next token id."""
+    if torch.isnan(logits).any():  # greedy would pick an arbitrary token, sampling fails
+        raise ValueError("the model's logits are NaN, so there is no next token to pick: its "
+                         "weights hold NaN or infinities, or its activations overflowed")
     logits = penalised(logits.float(), params, prompt, output)
     if params.greedy:
         return int(logits.argmax())
