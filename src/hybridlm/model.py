@@ -47,6 +47,10 @@ class ModelCache:
 
     layers: list[Any]
     lengths: torch.Tensor | None = None  # (B,) long; None: zeros (B from the layer caches)
+    # Set for a forward that must not read the device from the host (a CUDA-graph decode
+    # step): attention covers this many slots of every row, and the caller guarantees that
+    # each row's length + its new tokens fit in it (see layers/cache_rows.py).
+    key_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.lengths is None:
@@ -62,21 +66,25 @@ class ModelCache:
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Empty rows (R,) long of every layer cache, as in a new cache; other rows keep
-        their state (a slot of a continuous-batching pool handed to a new sequence)."""
-        self.lengths = self.lengths.index_fill(0, rows.to(self.lengths.device), 0)
+        their state (a slot of a continuous-batching pool handed to a new sequence). In place,
+        so a captured CUDA graph that reads the lengths keeps reading the same memory."""
+        self.lengths.index_fill_(0, rows.to(self.lengths.device), 0)
         for layer in self.layers:
             layer.reset_rows(rows)
 
     @contextlib.contextmanager
     def feeding(self, input_lengths: torch.Tensor | None) -> Iterator[None]:
-        """Tell every layer cache how many tokens of the call are real per row (None: all)."""
+        """Tell every layer cache how many tokens of the call are real per row (None: all),
+        and the key window of a host-sync-free call."""
         for layer in self.layers:
             layer.input_lengths = input_lengths
+            layer.key_window = self.key_window
         try:
             yield
         finally:
             for layer in self.layers:
                 layer.input_lengths = None
+                layer.key_window = None
 
 
 class HybridLM(nn.Module):
@@ -167,10 +175,12 @@ class HybridLM(nn.Module):
         self._check_inputs(input_ids, cache, segment_ids, input_lengths)
         seq = input_ids.shape[1]
         start = cache.lengths if cache is not None else None  # (B,)
-        positions = (
-            segment_positions(segment_ids) if segment_ids is not None  # (B, T)
-            else cache_positions(start, seq, input_ids.device)  # (T,) or (B, T)
-        )
+        if segment_ids is not None:
+            positions = segment_positions(segment_ids)  # (B, T)
+        elif cache is not None and cache.key_window is not None:  # no host read: per row
+            positions = start[:, None] + torch.arange(seq, device=input_ids.device)  # (B, T)
+        else:
+            positions = cache_positions(start, seq, input_ids.device)  # (T,) or (B, T)
         h = self.embed_tokens(input_ids)  # (B, T, H)
         mu = self.mu_init.to(h.dtype).expand_as(h) if self.mu_init is not None else None
         prev_input = h
@@ -206,11 +216,16 @@ class HybridLM(nn.Module):
         segment_ids: torch.Tensor | None, input_lengths: torch.Tensor | None,
     ) -> None:
         """Every argument of `forward` against the others and the config (ValueError)."""
-        self._check_input_ids(input_ids)
+        # A CUDA-graph decode step (a key window): shapes are checked, values are the caller's
+        # (reading them would wait for the device, which a graph capture forbids).
+        static = cache is not None and cache.key_window is not None
+        self._check_input_ids(input_ids, values=not static)
         if segment_ids is not None:
             self._check_segment_ids(segment_ids, input_ids, cache)
         if cache is not None:
-            self._check_causal()
+            self.check_causal()
+        if static:
+            return
         self._check_input_lengths(input_lengths, input_ids, cache)
         seq = input_ids.shape[1]
         end = seq if cache is None else int(advanced(cache.lengths, seq, input_lengths).max())
@@ -257,7 +272,7 @@ class HybridLM(nn.Module):
             raise ValueError(f"input_lengths holds {low if low < 0 else high}, outside "
                              f"[0, {seq}] (the {seq} tokens of input_ids)")
 
-    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+    def _check_input_ids(self, input_ids: torch.Tensor, values: bool = True) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(
                 f"input_ids must be an integer tensor of shape (batch, seq); got "
@@ -265,7 +280,7 @@ class HybridLM(nn.Module):
             )
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty")
-        if torch.compiler.is_compiling():
+        if not values or torch.compiler.is_compiling():
             # Reading the ids' range waits for the device and breaks a compiled graph:
             # compiled forwards check shapes and dtypes only (eager ones check the values).
             return
@@ -312,7 +327,8 @@ class HybridLM(nn.Module):
         loss, and cached decoding / generate work. No effect on other layers."""
         return causal_routing(self, enabled)
 
-    def _check_causal(self) -> None:
+    def check_causal(self) -> None:
+        """ValueError unless the model can decode with a cache (see `is_causal`)."""
         if not self.is_causal:
             raise ValueError(
                 "moe_router='expert_choice' is not causal (an expert picks its tokens from the "
@@ -336,16 +352,16 @@ class HybridLM(nn.Module):
         tokenizer=None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | list[list[int]]:
-        """Continue input_ids (B, T0) by up to max_new_tokens with a KV cache -> (B, T0 + n).
-        do_sample=False is greedy. Sequences that emitted eos_token_id are padded with it, as
-        are those whose text reached one of `stop_strings` (decoded with `tokenizer`).
+        """Continue input_ids (B, T0) by up to max_new_tokens -> (B, T0 + n), on the model's
+        device. do_sample=False is greedy. Sequences that emitted eos_token_id are padded with
+        it, as are those whose text reached one of `stop_strings` (decoded with `tokenizer`).
 
         Prompts of different lengths: a list of id lists (-> a list of id lists, each prompt
         + its own new tokens), or input_ids with attention_mask (B, T0) for left- or
-        right-padded rows (-> (B, T0 + n)); see `hybridlm.infer.generate.generate`."""
+        right-padded rows (-> (B, T0 + n)). Runs every prompt as a request of the
+        continuous-batching engine; see `hybridlm.infer.generate.generate`."""
         from hybridlm.infer.generate import generate  # infer builds on the model: call down
 
-        self._check_causal()
         return generate(
             self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from hybridlm.infer.generate import sample_next
+from hybridlm.infer.sampler import next_token
+from hybridlm.infer.sampling_params import SamplingParams
 
 PARITY_ATOL = 1e-4  # cached vs full logits; measured float error ~5e-6 at logit scale ~6
 STEPS = 12
@@ -118,14 +119,18 @@ def test_sampling_is_reproducible_with_a_generator(make_model):
 
 
 def test_top_k_and_top_p_restrict_the_support():
-    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    """generate samples with the engine's sampler (do_sample=False: temperature 0)."""
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
     g = torch.Generator().manual_seed(0)
-    draws = {int(sample_next(logits, True, top_k=2, generator=g)) for _ in range(200)}
-    assert draws == {0, 1}
+    none = torch.zeros(0, dtype=torch.long)
+
+    def draws(**kw) -> set[int]:
+        return {next_token(logits, SamplingParams(**kw), none, none, g) for _ in range(200)}
+
+    assert draws(top_k=2) == {0, 1}
     # probs ~ [.64, .24, .09, .03, .01]: top_p=0.8 keeps the first two
-    draws = {int(sample_next(logits, True, top_p=0.8, generator=g)) for _ in range(200)}
-    assert draws == {0, 1}
-    assert int(sample_next(logits, False)) == 0
+    assert draws(top_p=0.8) == {0, 1}
+    assert draws(temperature=0) == {0}
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -1,6 +1,7 @@
 """Generation stops at stop strings (the chat template's role markers, plain text a model can
 write), so `generate --chat` prints the reply, not a next turn the model invents."""
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -9,23 +10,47 @@ import torch
 from hybridlm.chat import ChatTemplate
 from hybridlm.cli import main
 from hybridlm.infer.generate import cut_at_stop_strings, generate
+from hybridlm.layers.cache_rows import RowLengths
+from hybridlm.model import ModelCache
 
 REPLY = "Five."
 INVENTED = "<|user|>\nAnd six plus one?"
 
 
+@dataclass
+class ScriptLog(RowLengths):
+    """The ScriptedModel's "cache": which script each row follows (its row of the engine's
+    pool) and how long its prompt was, so the model knows how many tokens it produced."""
+
+    rows: torch.Tensor  # (B,) long
+    prompt_lengths: torch.Tensor  # (B,) long
+
+    def _rows(self) -> torch.Tensor:
+        return self.rows
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        super().reset_rows(rows)
+        self.prompt_lengths.index_fill_(0, rows, 0)
+
+
 class ScriptedModel:
-    """A stand-in for HybridLM whose greedy continuation of any prompt is `script[row]`
-    token after token (then eos): the continuation we need, with a real tokenizer."""
+    """A stand-in for HybridLM whose greedy continuation of the prompt in row i is
+    `scripts[i]` token after token (then eos): the continuation we need, with a real
+    tokenizer. It speaks the model's cache protocol the engine uses (`new_cache`, forwards
+    with `input_lengths` that advance the cache's lengths); generate gives prompt i row i."""
 
     def __init__(self, scripts: list[list[int]], eos: int, vocab: int) -> None:
         self.scripts, self.eos, self.vocab = scripts, eos, vocab
         self.config = SimpleNamespace(max_position_embeddings=512, vocab_size=vocab)
         self.training = False
-        self.prompt_length = 0
 
-    def new_cache(self, batch: int, length: int) -> SimpleNamespace:
-        return SimpleNamespace(length=0)
+    def check_causal(self) -> None:
+        pass
+
+    def new_cache(self, batch: int, max_len: int) -> ModelCache:
+        rows = torch.arange(batch)
+        log = ScriptLog(rows=rows, prompt_lengths=torch.zeros_like(rows))
+        return ModelCache([log], torch.zeros_like(rows))
 
     def eval(self):
         return self
@@ -33,14 +58,19 @@ class ScriptedModel:
     def train(self, mode: bool = True):
         return self
 
-    def __call__(self, input_ids: torch.Tensor, cache) -> SimpleNamespace:
-        if cache.length == 0:
-            self.prompt_length = input_ids.shape[1]
-        cache.length += input_ids.shape[1]
-        produced = cache.length - self.prompt_length  # tokens generated so far
-        nxt = [s[produced] if produced < len(s) else self.eos for s in self.scripts]
-        logits = torch.zeros(len(self.scripts), input_ids.shape[1], self.vocab)
-        logits[torch.arange(len(nxt)), -1, torch.tensor(nxt)] = 1.0
+    def __call__(self, input_ids: torch.Tensor, cache: ModelCache,
+                 input_lengths: torch.Tensor) -> SimpleNamespace:
+        log = cache.layers[0]
+        starting = cache.lengths == 0  # rows fed their prompt (in one chunk: generate's)
+        log.prompt_lengths[starting] = input_lengths[starting]  # writes through to the pool
+        cache.lengths = log.lengths = cache.lengths + input_lengths
+        produced = (cache.lengths - log.prompt_lengths).tolist()  # tokens generated so far
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for i, (row, n, fed) in enumerate(zip(log.rows.tolist(), produced,
+                                              input_lengths.tolist(), strict=True)):
+            if fed:
+                script = self.scripts[row]
+                logits[i, fed - 1, script[n] if n < len(script) else self.eos] = 1.0
         return SimpleNamespace(logits=logits)
 
     def generate(self, input_ids, max_new_tokens, **kwargs):

@@ -102,7 +102,7 @@ def test_cache_holds_only_latent_and_rope_key(dtype):
     mla = make_mla(mla_absorb=True).to(dtype)
     cache = mla.new_cache(3, 10, torch.device("cpu"), dtype)
     assert cache.nbytes() == 3 * 10 * (R + DR) * torch.empty(0, dtype=dtype).element_size()
-    bookkeeping = {"lengths", "input_lengths"}  # (B,) tokens per row; not per token
+    bookkeeping = {"lengths", "input_lengths", "key_window"}  # per row or per call: not per token
     assert {f.name for f in dataclasses.fields(MLACache)} == {"kv", "kv_rank"} | bookkeeping
     tensors = {k: v.shape for k, v in vars(cache).items()
                if isinstance(v, torch.Tensor) and k not in bookkeeping}

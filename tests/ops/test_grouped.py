@@ -105,6 +105,32 @@ def test_eager_cpu_dispatch_runs_the_loop_and_reference_is_forced(monkeypatch):
     assert calls == ["padded"]
 
 
+def test_a_few_slots_on_the_fast_path_take_the_padded_path(monkeypatch):
+    """Decode-sized inputs on CUDA: the padded path (batched matrix-vector products), bounded
+    by the slots; the CPU stands in for the device through the dispatcher's switch."""
+    calls = []
+    monkeypatch.setattr(ops.grouped, "fast_path_enabled", lambda x: True)
+    monkeypatch.setattr(ops.grouped, "grouped_swiglu_padded",
+                        lambda *args: calls.append(args[-1]) or grouped_swiglu_padded(*args))
+    x, counts = loads_input([3, 0, 2], 1)
+    ws = weights(3)
+    y = ops.grouped_swiglu(x, counts, *ws)
+    assert calls == [6]  # every slot, tail included, bounds a count
+    torch.testing.assert_close(y, grouped_swiglu_reference(x, counts, *ws))
+    ops.grouped_swiglu(x, counts, *ws, capacity=4)
+    assert calls == [6, 4]
+    with ops.use_impl("reference"):
+        ops.grouped_swiglu(x, counts, *ws)
+    assert calls == [6, 4]
+    assert not ops.grouped._padded_is_cheaper(torch.zeros(65, H), ws[0])  # too many slots
+    many = torch.zeros(64, 1024, 2048)  # 64 experts of 1024 x 2048: too many idle weights
+    assert not ops.grouped._padded_is_cheaper(torch.zeros(2, 1024), many)
+    assert not ops.grouped._padded_is_cheaper(torch.zeros(64, 1024), many)  # 64x the FLOPs
+    four = torch.zeros(4, 768, 512)  # complexity-deep-187m's experts
+    assert ops.grouped._padded_is_cheaper(torch.zeros(1, 768), four)
+    assert ops.grouped._padded_is_cheaper(torch.zeros(64, 768), four)
+
+
 def test_the_ops_trace_with_fullgraph_and_match_eager():
     ws = weights(4)
     x = torch.randn(18, H, requires_grad=True)

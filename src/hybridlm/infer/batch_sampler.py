@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hybridlm.infer.sampler import inverse_temperature, raced
+from hybridlm.infer.sampler import NAN_LOGITS, inverse_temperature, raced
 from hybridlm.infer.sampling_params import SamplingParams
 
 
@@ -167,15 +167,21 @@ class BatchSampler:
                params: Sequence[SamplingParams],
                generators: Sequence[torch.Generator | None]
                ) -> list[tuple[int, TokenLogprob | None]]:
-        """logits (R, V) of pool rows `rows`, each row's SamplingParams and generator (used
-        where the params hold a seed) -> each row's token and, where params.logprobs is set,
-        its TokenLogprob. One read from the device."""
-        return self._read(logits, self.tokens(logits, rows, params, generators), params)
+        """logits (R, V) of pool rows `rows`, each row's SamplingParams and generator (None:
+        it draws from the sampler's shared one) -> each row's token and, where
+        params.logprobs is set, its TokenLogprob. One read from the device. ValueError when
+        a row's logits hold NaN (the reference's check, read back with the tokens)."""
+        picks = self._read(logits, self.tokens(logits, rows, params, generators), params)
+        if any(token < 0 for token, _ in picks):
+            raise ValueError(NAN_LOGITS)
+        return picks
 
     def tokens(self, logits: torch.Tensor, rows: Sequence[int],
                params: Sequence[SamplingParams],
                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-        """As `sample`, but the tokens (R,) long stay on the device, unread."""
+        """As `sample`, but the tokens (R,) long stay on the device, unread; -1 for a row
+        whose logits hold NaN."""
+        nan_rows = torch.isnan(logits).any(dim=-1)  # (R,)
         logits = logits.float()
         penalties = any(has_penalties(p) for p in params)
         needs_draw = not all(p.greedy for p in params)
@@ -192,13 +198,15 @@ class BatchSampler:
         if penalties:  # the rows of requests without penalties are never read: skip them
             self.counts.index_put_((index, tokens), torch.ones_like(tokens, dtype=torch.float32),
                                    accumulate=True)
-        return tokens
+        return torch.where(nan_rows, -1, tokens)
 
     def _noise(self, shape: torch.Size, params: Sequence[SamplingParams],
                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-        """Exp(1) noise (R, V) of the rows that draw: a seeded row's from its own
-        generator, the others' from the shared one in one call (greedy rows: ones, unread)."""
-        unseeded = [i for i, p in enumerate(params) if p.seed is None and not p.greedy]
+        """Exp(1) noise (R, V) of the rows that draw: a row with a generator draws from it
+        (rows sharing one draw in turn, in row order), the others from the shared one in one
+        call (greedy rows: ones, unread)."""
+        unseeded = [i for i, (p, generator) in enumerate(zip(params, generators, strict=True))
+                    if generator is None and not p.greedy]
         if len(unseeded) == len(params):
             return torch.empty(shape, device=self.device).exponential_(generator=self.generator)
         noise = torch.ones(shape, device=self.device)
@@ -207,7 +215,7 @@ class BatchSampler:
                 len(unseeded), shape[-1], device=self.device).exponential_(
                     generator=self.generator)
         for i, (p, generator) in enumerate(zip(params, generators, strict=True)):
-            if p.seed is not None and not p.greedy:
+            if generator is not None and not p.greedy:
                 noise[i].exponential_(generator=generator)
         return noise
 
@@ -220,7 +228,9 @@ class BatchSampler:
             return [(token, None) for token in tokens.tolist()]
         top = max(params[i].logprobs for i in asking)
         which = host_to_device(asking, torch.long, self.device)
-        picked, best_ids, best_logprobs = logprob_rows(raw[which], tokens[which], top)
+        # clamped: a NaN row's -1 must not index the vocab (its ValueError comes after)
+        picked, best_ids, best_logprobs = logprob_rows(raw[which], tokens[which].clamp(min=0),
+                                                       top)
         values = torch.cat([tokens.double(), picked.double(), best_ids.double().flatten(),
                             best_logprobs.double().flatten()]).tolist()
         rows = len(params)

@@ -8,9 +8,10 @@ is generating. Each forward runs over the span of pool rows from the lowest to t
 row it feeds, with `input_lengths` 0 for the rows in between that it does not feed, so those
 do not move. The rows sampled in a step (prefill and decode alike) are queued by `_sample`
 and drawn together at the end of the step by `BatchSampler` (one read from the device per
-step), each with its own parameters; a seeded request draws from its own torch.Generator.
-Under `hybridlm.ops.set_impl("reference")` each request samples alone with
-`sampler.next_token`, the reference twin.
+step), each with its own parameters; a seeded request (or one given a generator) draws from
+its own torch.Generator, the others from one the engine shares among them. Under
+`hybridlm.ops.set_impl("reference")` each request samples alone with `sampler.next_token`,
+the reference twin.
 
 A request that waits longer than `queue_timeout` seconds for a free row ends with
 finish_reason "timeout" and no tokens.
@@ -28,21 +29,31 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from hybridlm.infer.batch_sampler import BatchSampler, TokenLogprob
+from hybridlm.infer.decode_graphs import DecodeGraphs
 from hybridlm.infer.request import Request, RequestOutput, StreamDelta
 from hybridlm.infer.sampler import next_token, token_logprobs
 from hybridlm.infer.sampling_params import SamplingParams
 from hybridlm.infer.slots import SlotPool
-from hybridlm.ops import dispatch
+from hybridlm.ops.dispatch import current_impl
 
 
 class Engine:
     """Serves requests on `model` (put in eval mode) with a pool of max_batch cache rows of
-    max_position_embeddings tokens each. tokenizer (anything with `decode(ids) -> str`):
-    needed for text, streaming text and stop strings. queue_timeout (seconds, None: no
-    limit): how long a request may wait for a free row."""
+    max_len tokens each (None: max_position_embeddings; a smaller pool for callers that know
+    their requests' lengths, as `HybridLM.generate`). tokenizer (anything with
+    `decode(ids) -> str`): needed for text, streaming text and stop strings.
+
+    cuda_graphs (None: on for a model on a CUDA device, unless `hybridlm.ops` is forced to
+    the reference): decode steps replay CUDA graphs captured per batch-size and key-window
+    bucket (infer/decode_graphs.py). compile_decode: those steps are also compiled
+    (`torch.compile`, fullgraph), which costs a compilation on first use.
+
+    queue_timeout (seconds, None: no limit): how long a request may wait for a free row."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 8,
-                 prefill_chunk: int = 512, queue_timeout: float | None = None) -> None:
+                 prefill_chunk: int = 512, max_len: int | None = None,
+                 cuda_graphs: bool | None = None, compile_decode: bool = False,
+                 queue_timeout: float | None = None) -> None:
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or (
                 prefill_chunk < 1):
             raise ValueError(f"prefill_chunk={prefill_chunk!r} must be an int >= 1")
@@ -51,37 +62,56 @@ class Engine:
                 or not math.isfinite(queue_timeout) or queue_timeout <= 0):
             raise ValueError(f"queue_timeout={queue_timeout!r} must be a finite number of "
                              "seconds > 0 (or None)")
-        model._check_causal()
+        if cuda_graphs not in (None, True, False):
+            raise ValueError(f"cuda_graphs={cuda_graphs!r} must be True, False or None (on "
+                             "when the model is on a CUDA device)")
+        model.check_causal()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
-        self.pool = SlotPool(model, max_batch)
+        self.pool = SlotPool(model, max_batch, max_len)
         self.max_batch = max_batch
         self.device = self.pool.cache.lengths.device
         self.queue_timeout = queue_timeout
         self.sampler = BatchSampler(max_batch, model.config.vocab_size, self.device)
         self._queued: list[tuple[Request, torch.Tensor]] = []  # rows to sample this step
+        if cuda_graphs is None:  # the reference switch of hybridlm.ops also turns graphs off
+            cuda_graphs = self.device.type == "cuda" and current_impl() == "auto"
+        # Decode steps run as captured CUDA graphs (see infer/decode_graphs.py), else eagerly.
+        if compile_decode and not cuda_graphs:
+            raise ValueError("compile_decode=True compiles the CUDA-graph decode step: it needs "
+                             "cuda_graphs (a model on a CUDA device)")
+        self.graphs = (DecodeGraphs(model, self.pool, capture=True, compile=compile_decode)
+                       if cuda_graphs else None)
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # row -> request
         self.requests: dict[int, Request] = {}
         self._next_id = 0
 
     # --- requests -------------------------------------------------------------------------
-    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None
-                    ) -> int:
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                    generator: torch.Generator | None = None) -> int:
         """Queue a prompt; returns its request id. ValueError (the engine goes on serving the
         others) for an empty prompt, ids outside the vocab, stop strings without a
-        tokenizer, or prompt + max_tokens (1 when None) beyond max_position_embeddings."""
+        tokenizer, or prompt + max_tokens (1 when None) beyond the pool's rows.
+
+        generator: the torch.Generator (on the engine's device) the request draws its
+        samples from, instead of one seeded from params.seed (give one or the other). It is
+        used as is, not copied: requests sharing one draw in turn from one stream."""
         params = params if params is not None else SamplingParams()
         prompt = self._checked_prompt(prompt_ids)
         limit, wanted = self.pool.capacity, params.max_tokens or 1
         if len(prompt) + wanted > limit:
+            what = ("max_position_embeddings" if limit == self.model.config.max_position_embeddings
+                    else "the engine's max_len")
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({wanted}) = "
-                             f"{len(prompt) + wanted} exceeds max_position_embeddings={limit}")
+                             f"{len(prompt) + wanted} exceeds {what}={limit}")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop={params.stop!r} needs the engine's tokenizer to read the "
                              "text; build Engine(model, tokenizer)")
-        request = Request(self._next_id, prompt, params, self.tokenizer, self.device)
+        self._check_generator(generator, params)
+        request = Request(self._next_id, prompt, params, self.tokenizer, self.device,
+                          generator=generator)
         self._next_id += 1
         self.requests[request.id] = request
         self.waiting.append(request)
@@ -97,6 +127,19 @@ class Engine:
             raise ValueError(f"prompt_ids holds token id {bad[0]}, outside [0, "
                              f"vocab_size={vocab})")
         return prompt
+
+    def _check_generator(self, generator: torch.Generator | None,
+                         params: SamplingParams) -> None:
+        if generator is None:
+            return
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator={generator!r} must be a torch.Generator or None")
+        if params.seed is not None:
+            raise ValueError(f"generator and seed={params.seed} both given: a request draws "
+                             "from one of them; pass one")
+        if generator.device != self.device:
+            raise ValueError(f"generator is on {generator.device} but the engine samples on "
+                             f"{self.device}; make it with torch.Generator(device=...)")
 
     def output(self, request_id: int) -> RequestOutput:
         return self.requests[request_id].output()
@@ -168,7 +211,15 @@ class Engine:
                 self._sample(request, logits[request.row - lo, len(chunks[request.row]) - 1])
 
     def _decode(self, requests: list[Request]) -> None:
-        """Feed every generating row its last token: one forward of (B, 1)."""
+        """Feed every generating row its last token: one forward of (B, 1), or one replay
+        of a CUDA graph."""
+        if self.graphs is not None:
+            # A row holds its prompt and every token but the one fed now; +1 for that one.
+            window = max(len(r.prompt) + len(r.tokens) for r in requests)
+            logits = self.graphs.decode({r.row: r.tokens[-1] for r in requests}, window)
+            for request in requests:  # logits (R, V) of rows 0 .. R-1
+                self._sample(request, logits[request.row])
+            return
         logits, lo = self._forward({r.row: r.tokens[-1:] for r in requests})  # (B', 1, V)
         for request in requests:
             self._sample(request, logits[request.row - lo, 0])
@@ -198,13 +249,13 @@ class Engine:
         if not queued:
             return
         requests = [r for r, _ in queued]
-        if dispatch.current_impl() == "reference":
+        if current_impl() == "reference":
             picks = [self._reference_pick(r, logits) for r, logits in queued]
         else:
-            picks = self.sampler.sample(torch.stack([logits for _, logits in queued]),  # (R, V)
-                                        [r.row for r in requests],
-                                        [r.params for r in requests],
-                                        [r.generator for r in requests])
+            picks = self.sampler.sample(
+                torch.stack([logits for _, logits in queued]),  # (R, V)
+                [r.row for r in requests], [r.params for r in requests],
+                [r.generator if r.own_generator else None for r in requests])
         for request, (token, logprob) in zip(requests, picks, strict=True):
             # Sampled once the prompt and every earlier token are in the row; the new token
             # will be fed at the next slot: none left means it is the last.

@@ -1,73 +1,23 @@
-"""Autoregressive generation with the model's cache: one prefill, then one token per step.
+"""`HybridLM.generate` on the engine: a batch of prompts in the shapes HF transformers takes
+(a tensor, a tensor with an attention_mask, or a list of id lists), each run as one request
+of a `hybridlm.infer.engine.Engine` sized for them, and the results shaped back.
 
-Glossary: B batch, T0 prompt length, V vocab.
+Glossary: B batch, T0 prompt length (padded), n new tokens.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
 
+from hybridlm.infer.engine import Engine
+from hybridlm.infer.request import RequestOutput
+from hybridlm.infer.sampling_params import SamplingParams
 
-def sample_next(
-    logits: torch.Tensor,
-    do_sample: bool,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,). Greedy when do_sample is False."""
-    if torch.isnan(logits).any():  # greedy would pick an arbitrary token, sampling fails
-        raise ValueError("the model's logits are NaN, so there is no next token to pick: its "
-                         "weights hold NaN or infinities, or its activations overflowed")
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits.float()
-    # Shift the best logit to 0 before dividing: a tiny temperature then sends the others
-    # to -inf (greedy in the limit) instead of overflowing every logit to +-inf (NaN).
-    # A temperature below float32's smallest normal would become 0 in the division (0/0).
-    temperature = max(temperature, torch.finfo(torch.float32).tiny)
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the mass BEFORE it already reaches top_p (keeps at least one).
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-class StopStrings:
-    """Finds stop strings in the text each row has generated (prompts are never searched).
-
-    Only the last `window` tokens are decoded at each step: a string of n UTF-8 bytes that
-    the newest token completed lies within the last n tokens (every token is >= 1 byte)."""
-
-    def __init__(self, strings: Sequence[str], tokenizer) -> None:
-        if isinstance(strings, str) or not strings or not all(
-                isinstance(x, str) and x for x in strings):
-            raise ValueError(f"stop_strings={strings!r} must be a non-empty list of non-empty "
-                             "strings")
-        if tokenizer is None:
-            raise ValueError("stop_strings needs the tokenizer that decodes the tokens")
-        self.strings = tuple(strings)
-        self.tokenizer = tokenizer
-        self.window = max(len(x.encode("utf-8")) for x in self.strings)
-
-    def found(self, new_tokens: torch.Tensor) -> torch.Tensor:
-        """new_tokens (B, n) generated so far -> (B,) bool: a stop string ends in them."""
-        tails = new_tokens[:, -self.window:].tolist()
-        texts = [self.tokenizer.decode(row) for row in tails]
-        hits = [any(x in text for x in self.strings) for text in texts]
-        return torch.tensor(hits, dtype=torch.bool, device=new_tokens.device)
+INPUT_ID_DTYPES = (torch.long, torch.int32, torch.int64)
 
 
 def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
@@ -90,6 +40,30 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | No
         raise ValueError(f"top_p={top_p} must lie in (0, 1] or be None")
 
 
+def _checked_eos(eos_token_id) -> int | None:
+    """eos_token_id as an int (numpy and 0-d torch integers too), ValueError if it is none."""
+    if eos_token_id is None:
+        return None
+    try:
+        eos = operator.index(eos_token_id) if not isinstance(eos_token_id, bool) else -1
+    except TypeError:
+        eos = -1
+    if eos < 0:
+        raise ValueError(f"eos_token_id={eos_token_id!r} must be an int >= 0 or None")
+    return eos
+
+
+def _check_stop_strings(strings, tokenizer, eos_token_id: int | None) -> None:
+    if isinstance(strings, str) or not strings or not all(
+            isinstance(x, str) and x for x in strings):
+        raise ValueError(f"stop_strings={strings!r} must be a non-empty list of non-empty "
+                         "strings")
+    if tokenizer is None:
+        raise ValueError("stop_strings needs the tokenizer that decodes the tokens")
+    if eos_token_id is None:
+        raise ValueError("stop_strings needs eos_token_id: it pads the rows that stopped")
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -106,33 +80,40 @@ def generate(
     stop_strings: Sequence[str] | None = None,
     tokenizer=None,
 ) -> torch.Tensor | list[list[int]]:
-    """input_ids (B, T0) -> (B, T0 + n), n <= max_new_tokens (fewer if all hit eos).
+    """input_ids (B, T0) -> (B, T0 + n) on the model's device, n <= max_new_tokens (fewer
+    when every row ended at eos or a stop string; rows that ended sooner are padded with
+    eos_token_id).
 
     Prompts of different lengths, two ways; each row gets the tokens it gets alone (greedy):
     - a list of id lists -> a list of id lists: each prompt followed by its own new tokens,
       ending at its eos / stop-string token (no padding), as `generate` of that prompt alone.
     - input_ids (B, T) with attention_mask (B, T) (1 = token, 0 = padding; rows left- or
       right-padded, as in HF transformers) -> (B, T + n): input_ids as given, then the new
-      tokens (rows that finished padded with eos_token_id).
-    Either way the prompts are right-padded into one prefill whose rows stop at their own
-    lengths (`HybridLM.forward`'s input_lengths), then every row decodes one token per step
-    at its own position.
+      tokens.
+
+    Every prompt is a request of one Engine with a row per prompt, rows of prompt +
+    max_new_tokens tokens (the cache the longest sequence needs) and a prefill chunk that
+    takes the longest prompt whole, so all rows prefill in one forward and then decode
+    together, each at its own position.
 
     stop_strings (with the `tokenizer`, as in HF transformers): a row also stops once its
     generated text contains one of them; the output keeps the tokens up to the one that
-    completed it (cut the text with `cut_at_stop_strings`). Stopped rows are padded with
-    eos_token_id, which is then required."""
+    completed it (cut the text with `cut_at_stop_strings`). eos_token_id is then required.
+
+    Sampling (do_sample=True): every row draws in turn from `generator` (on the model's
+    device), so the same generator state gives the same tokens; None: a generator seeded
+    from torch's global random state, so `torch.manual_seed` makes generate reproducible.
+    The stream differs from hybridlm's generate before the engine, which drew all rows at
+    once from one (B, V) multinomial and kept drawing for rows that had ended: on CPU the
+    tokens were measured equal up to the first row that ends before the others and differ
+    after it; on CUDA a (B, V) multinomial and B (V,) ones need not draw alike at all."""
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    stop = None
+    eos_token_id = _checked_eos(eos_token_id)
     if stop_strings is not None:
-        stop = StopStrings(stop_strings, tokenizer)
-        if eos_token_id is None:
-            raise ValueError("stop_strings needs eos_token_id: it pads the rows that stopped")
-    ragged = not isinstance(input_ids, torch.Tensor) or attention_mask is not None
-    prompts = _prompt_lists(input_ids, attention_mask) if ragged else None
-    if not ragged and input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    longest = max(map(len, prompts)) if ragged else input_ids.shape[1]
+        _check_stop_strings(stop_strings, tokenizer, eos_token_id)
+    model.check_causal()
+    prompts = _prompt_lists(input_ids, attention_mask, model.config.vocab_size)
+    longest = max(map(len, prompts))
     limit = model.config.max_position_embeddings
     total = longest + max_new_tokens
     if total > limit:
@@ -140,69 +121,76 @@ def generate(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {total}"
             f" exceeds max_position_embeddings={limit}"
         )
-    was_training = model.training
-    model.eval()
+    outputs, device = _run(model, prompts, max_new_tokens, do_sample, temperature, top_k,
+                           top_p, eos_token_id, generator, stop_strings, tokenizer)
+    # A row that ended on eos: the engine leaves the stop token out, generate keeps it.
+    new = [out.token_ids + ([out.stop_token_id] if out.stop_token_id is not None else [])
+           for out in outputs]
+    if not isinstance(input_ids, torch.Tensor):
+        return [prompt + row for prompt, row in zip(prompts, new, strict=True)]
+    ids = input_ids if attention_mask is not None or input_ids.dim() == 2 else input_ids[None]
+    return torch.cat([ids.to(device), _padded(new, eos_token_id, device)], dim=1)
+
+
+def _run(model, prompts: list[list[int]], max_new_tokens: int, do_sample: bool,
+         temperature: float, top_k: int | None, top_p: float | None,
+         eos_token_id: int | None, generator: torch.Generator | None,
+         stop_strings: Sequence[str] | None, tokenizer
+         ) -> tuple[list[RequestOutput], torch.device]:
+    """Each prompt as one request of an engine sized for them -> their outputs, in order,
+    and the device the engine ran on."""
+    longest = max(map(len, prompts))
+    was_training = model.training  # the engine puts the model in eval mode
     try:
-        batch = len(prompts) if ragged else input_ids.shape[0]
-        cache = model.new_cache(batch, total)
-        if ragged:
-            logits = _prefill_right_padded(model, prompts, cache)
-        else:
-            logits = model(input_ids, cache=cache).logits[:, -1]  # prefill: (B, V)
-        new, done_at = _decode(model, cache, logits, max_new_tokens, stop, eos_token_id,
-                               lambda lg: sample_next(lg, do_sample, temperature, top_k, top_p,
-                                                      generator))
+        engine = Engine(model, tokenizer if stop_strings else None, max_batch=len(prompts),
+                        prefill_chunk=longest, max_len=longest + max_new_tokens)
+        if max_new_tokens == 0:  # nothing to generate (SamplingParams needs max_tokens >= 1)
+            return [RequestOutput(i, p, [], None, True, "length")
+                    for i, p in enumerate(prompts)], engine.device
+        params = SamplingParams(
+            max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+            top_k=top_k, top_p=1.0 if top_p is None else top_p,
+            stop_token_ids=() if eos_token_id is None else (eos_token_id,),
+            stop=tuple(stop_strings or ()))
+        if do_sample and generator is None:
+            seed = int(torch.randint(2**62, (1,)))  # from the global generator
+            generator = torch.Generator(device=engine.device).manual_seed(seed)
+        ids = [engine.add_request(p, params, generator=generator if do_sample else None)
+               for p in prompts]
+        while engine.has_unfinished():
+            engine.step()
+        return [engine.output(i) for i in ids], engine.device
     finally:
         model.train(was_training)
-    if not ragged:
-        return torch.cat([input_ids, new], dim=1)
+
+
+def _padded(rows: list[list[int]], eos_token_id: int | None, device) -> torch.Tensor:
+    """New tokens of each row -> (B, n), n the longest row, the shorter ones padded with
+    eos_token_id (rows differ in length only when they ended at eos or a stop string, both
+    of which need it)."""
+    width = max(map(len, rows))
+    fill = 0 if eos_token_id is None else eos_token_id  # without eos no row ends early
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out.to(device)
+
+
+def _prompt_lists(input_ids, attention_mask: torch.Tensor | None,
+                  vocab: int) -> list[list[int]]:
+    """The prompts as lists of ids: a list of id lists as given, the rows of input_ids
+    (B, T0) (or (T0,): one prompt), or those rows without the positions attention_mask
+    (B, T0) marks 0 (left or right padding). ValueError for what the model cannot read."""
     if isinstance(input_ids, torch.Tensor):
-        return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
-    return [prompt + _until_done(row, end) for prompt, row, end in
-            zip(prompts, new.tolist(), done_at.tolist(), strict=True)]
-
-
-def _decode(model, cache, logits: torch.Tensor, max_new_tokens: int, stop: StopStrings | None,
-            eos_token_id: int | None, pick) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decoding loop after the prefill's last logits (B, V) -> the new tokens (B, n) and
-    the step at which each row finished (B,), -1 where it did not."""
-    batch = logits.shape[0]
-    finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)
-    done_at = torch.full((batch,), -1, dtype=torch.long, device=logits.device)
-    out = []
-    for step in range(max_new_tokens):
-        nxt = pick(logits)
-        if eos_token_id is not None:
-            nxt = nxt.masked_fill(finished, eos_token_id)
-            finished |= nxt == eos_token_id
-        out.append(nxt[:, None])
-        if stop is not None:  # out: the generated tokens, (B, 1) each
-            finished |= stop.found(torch.cat(out[-stop.window:], dim=1))
-        done_at = done_at.masked_fill(finished & (done_at < 0), step)
-        if eos_token_id is not None and bool(finished.all()):
-            break
-        logits = model(nxt[:, None], cache=cache).logits[:, -1]
-    new = torch.cat(out, dim=1) if out else logits.new_zeros(batch, 0, dtype=torch.long)
-    return new, done_at
-
-
-def _prefill_right_padded(model, prompts: list[list[int]], cache) -> torch.Tensor:
-    """Run prompts of different lengths as one right-padded batch into `cache`; each row
-    stops at its own length. Returns the logits after each prompt's last token (B, V)."""
-    device = cache.lengths.device
-    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
-    ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):  # padding id 0: any id works, it is never read
-        ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-    logits = model(ids, cache=cache, input_lengths=lengths).logits  # (B, T, V)
-    return logits[torch.arange(len(prompts), device=device), lengths - 1]
-
-
-def _prompt_lists(input_ids, attention_mask: torch.Tensor | None) -> list[list[int]]:
-    """Ragged prompts as lists of ids: a list of id lists as given, or the rows of input_ids
-    (B, T) without the positions attention_mask (B, T) marks 0 (left or right padding)."""
+        ids = input_ids[None] if input_ids.dim() == 1 and attention_mask is None else input_ids
+        if ids.dim() != 2 or ids.dtype not in INPUT_ID_DTYPES:
+            raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq); got "
+                             f"{ids.dtype} of shape {tuple(ids.shape)}")
+        if ids.numel() == 0:
+            raise ValueError("input_ids is empty")
     if attention_mask is None:
-        prompts = [list(map(int, p)) for p in input_ids]
+        prompts = [list(map(int, p)) for p in input_ids] if not isinstance(
+            input_ids, torch.Tensor) else ids.tolist()
     else:
         prompts = _unpad(input_ids, attention_mask)
     if not prompts:
@@ -210,6 +198,9 @@ def _prompt_lists(input_ids, attention_mask: torch.Tensor | None) -> list[list[i
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+    bad = [t for prompt in prompts for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside [0, vocab_size={vocab})")
     return prompts
 
 
@@ -235,8 +226,3 @@ def _runs_of_ones(mask: torch.Tensor) -> torch.Tensor:
     """mask (B, T) of 0/1 -> (B,) the number of separate runs of ones in each row."""
     rises = (mask[:, 1:] > mask[:, :-1]).sum(dim=1)
     return rises + mask[:, 0]
-
-
-def _until_done(tokens: list[int], done_at: int) -> list[int]:
-    """A row's new tokens up to the one that finished it (all of them if none did)."""
-    return tokens if done_at < 0 else tokens[: done_at + 1]

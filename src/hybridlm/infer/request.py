@@ -18,7 +18,9 @@ class RequestOutput:
     """A request's result so far. finish_reason: "length" (max_tokens), "stop" (a stop
     token id or string; neither is in token_ids / text), "context" (the cache is full),
     "timeout" (no free cache row within the engine's queue_timeout; nothing generated).
-    logprobs: one per token id when the params asked for them, else None."""
+    logprobs: one per token id when the params asked for them, else None.
+    stop_token_id: the stop token id that ended it (None otherwise), so a caller can tell
+    which stop it was (the token that completed a stop string is in token_ids)."""
 
     request_id: int
     prompt_ids: list[int]
@@ -26,6 +28,7 @@ class RequestOutput:
     text: str | None
     finished: bool
     finish_reason: str | None
+    stop_token_id: int | None = None
     logprobs: list[TokenLogprob] | None = None
 
 
@@ -38,6 +41,7 @@ class StreamDelta:
     text: str
     finished: bool
     finish_reason: str | None
+    stop_token_id: int | None = None
     logprob: TokenLogprob | None = None
 
 
@@ -53,15 +57,21 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     deltas: deque = field(default_factory=deque)
+    generator: torch.Generator | None = None  # None: one of its own, from params.seed
+    stop_token_id: int | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     queued_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.generator = torch.Generator(device=self.device)
-        if self.params.seed is not None:
-            self.generator.manual_seed(self.params.seed)
-        else:
-            self.generator.seed()
+        # Draws from a generator of its own (seeded, or given by the caller), not from the
+        # engine's shared one: its tokens then do not depend on the rest of the batch.
+        self.own_generator = self.generator is not None or self.params.seed is not None
+        if self.generator is None:
+            self.generator = torch.Generator(device=self.device)
+            if self.params.seed is not None:
+                self.generator.manual_seed(self.params.seed)
+            else:
+                self.generator.seed()
         self.prompt_tensor = torch.tensor(self.prompt, dtype=torch.long, device=self.device)
         self.detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None
         self.stop_text = StopText(self.params.stop)
@@ -82,6 +92,7 @@ class Request:
         """Record a sampled token (and its logprobs, when asked for) and decide whether the
         request ends with it."""
         if token in self.params.stop_token_ids:
+            self.stop_token_id = token
             self._finish("stop", None)
             return
         self.tokens.append(token)
@@ -95,7 +106,7 @@ class Request:
             self._finish("context", token, logprob)
         else:
             self.deltas.append(StreamDelta(token, self._text(final=False), False, None,
-                                           logprob))
+                                           logprob=logprob))
 
     def expire(self) -> None:
         """End a request that waited too long for a cache row."""
@@ -106,7 +117,8 @@ class Request:
         self.finish_reason = reason
         if self.detok is not None and not self.stop_text.stopped:
             self.stop_text.add(self.detok.flush())
-        self.deltas.append(StreamDelta(token, self._text(final=True), True, reason, logprob))
+        self.deltas.append(StreamDelta(token, self._text(final=True), True, reason,
+                                       logprob=logprob))
 
     def _text(self, final: bool) -> str:
         return self.stop_text.emittable(final) if self.detok is not None else ""
@@ -115,4 +127,4 @@ class Request:
         text = self.stop_text.text if self.detok is not None else None
         logprobs = list(self.logprobs) if self.params.logprobs is not None else None
         return RequestOutput(self.id, list(self.prompt), list(self.tokens), text,
-                             self.finished, self.finish_reason, logprobs)
+                             self.finished, self.finish_reason, self.stop_token_id, logprobs)

@@ -19,6 +19,8 @@ import torch
 from hybridlm.infer.sampling_params import SamplingParams
 
 TINY = torch.finfo(torch.float32).tiny
+NAN_LOGITS = ("the model's logits are NaN, so there is no next token to pick: its weights "
+              "hold NaN or infinities, or its activations overflowed")
 
 
 def penalised(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor,
@@ -74,6 +76,8 @@ def raced(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 def next_token(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor,
                output: torch.Tensor, generator: torch.Generator | None) -> int:
     """logits (V,) of one request -> its next token id."""
+    if torch.isnan(logits).any():  # greedy would pick an arbitrary token, sampling fails
+        raise ValueError(NAN_LOGITS)
     logits = penalised(logits.float(), params, prompt, output)
     if params.greedy:
         return int(logits.argmax())

@@ -1,8 +1,9 @@
 """A fixed pool of cache rows ("slots") that sequences take and give back.
 
-The ModelCache is allocated once, max_batch rows of max_position_embeddings tokens; a row
-is emptied (length 0, recurrent state zeroed) when taken and again when freed, so no
-sequence ever reads what the row held before.
+The ModelCache is allocated once, max_batch rows of max_len tokens (by default
+max_position_embeddings, so any request the model takes fits); a row is emptied (length 0,
+recurrent state zeroed) when taken and again when freed, so no sequence ever reads what the
+row held before.
 
 A forward runs on a span of rows, `view(lo, hi)`: every layer cache's tensors sliced to rows
 lo .. hi-1 (views: the forward writes into the pool), then `store(view, lo)` copies back the
@@ -19,10 +20,17 @@ from hybridlm.model import ModelCache
 
 
 class SlotPool:
-    def __init__(self, model, max_batch: int) -> None:
+    """max_batch rows of max_len tokens each (None: max_position_embeddings)."""
+
+    def __init__(self, model, max_batch: int, max_len: int | None = None) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} must be an int >= 1")
-        self.capacity = model.config.max_position_embeddings
+        limit = model.config.max_position_embeddings
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)
+                                    or not 1 <= max_len <= limit):
+            raise ValueError(f"max_len={max_len!r} must be an int in [1, "
+                             f"max_position_embeddings={limit}] or None")
+        self.capacity = limit if max_len is None else max_len
         self.cache = model.new_cache(max_batch, self.capacity)
         self.free = list(range(max_batch))
 

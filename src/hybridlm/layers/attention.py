@@ -27,6 +27,7 @@ class KVCache(RowLengths):
     token p in slot p (see layers/cache_rows.py)."""
 
     k: torch.Tensor  # (B, nkv, max_len, D)
+    reads_key_window = True  # attention reads its slots (a decode step sizes them statically)
     v: torch.Tensor  # (B, nkv, max_len, D)
 
     def _rows(self) -> torch.Tensor:
@@ -35,8 +36,8 @@ class KVCache(RowLengths):
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v (B, nkv, T, D) at each row's next slots; return the keys/values of every
         slot in use (B, nkv, S, D). Rows advance by `input_lengths` (default T)."""
-        end = write_rows(self.k, k, self.lengths, 2, "KV cache")
-        write_rows(self.v, v, self.lengths, 2, "KV cache")
+        end = write_rows(self.k, k, self.lengths, 2, "KV cache", self.key_window)
+        write_rows(self.v, v, self.lengths, 2, "KV cache", self.key_window)
         self.lengths = advanced(self.lengths, k.shape[2], self.input_lengths)
         return self.k[:, :, :end], self.v[:, :, :end]
 

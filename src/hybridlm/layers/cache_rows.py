@@ -7,6 +7,10 @@ The padded tokens are written too (they land in slots past the row's new length,
 writes overwrite) but the row's length advances by its real tokens only; attention masks
 slots by position (`position_mask`), so a real token never sees a padded one.
 
+A fixed key window (`key_window`, set by a CUDA-graph decode step) makes a call read nothing
+on the host: writes skip the capacity check (the caller guarantees room) and attention covers
+the first `key_window` slots of every row, a static shape, instead of the slots in use.
+
 Glossary: B batch, T new tokens, S key slots.
 """
 
@@ -30,6 +34,7 @@ class RowLengths:
 
     lengths: torch.Tensor | None = None  # (B,) long; None: zeros
     input_lengths: torch.Tensor | None = None  # (B,) real tokens per row of the current call
+    key_window: int | None = None  # slots attention covers in a host-sync-free call (above)
 
     def _rows(self) -> torch.Tensor:
         raise NotImplementedError
@@ -47,8 +52,9 @@ class RowLengths:
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Empty rows (R,) long: their lengths go to 0, so their old slots are never read
         again (attention masks slots past a row's length; later writes overwrite them).
-        Caches with a recurrent state also zero it (see MambaCache)."""
-        self.lengths = self.lengths.index_fill(0, rows.to(self.lengths.device), 0)
+        Caches with a recurrent state also zero it (see MambaCache). In place: a CUDA graph
+        that reads `lengths` keeps reading the same memory."""
+        self.lengths.index_fill_(0, rows.to(self.lengths.device), 0)
 
 
 def common_length(lengths: torch.Tensor) -> int:
@@ -67,20 +73,28 @@ def advanced(lengths: torch.Tensor, seq: int, input_lengths: torch.Tensor | None
 
 
 def write_rows(buffer: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor, dim: int,
-               what: str) -> int:
+               what: str, key_window: int | None = None) -> int:
     """Write new (T tokens along `dim`) into buffer at each row's own slots lengths[b] ..
-    lengths[b] + T - 1; return the number of slots in use after it (max over rows)."""
+    lengths[b] + T - 1; return the number of slots attention should cover: those in use after
+    it (max over rows), or key_window when given.
+
+    With key_window nothing is read on the host (no capacity check): slots past the buffer
+    are clamped to its last one, which only a row without room (never fed by a correct
+    caller: a padded row of a decode step, say) would write."""
     seq, capacity = new.shape[dim], buffer.shape[dim]
-    end = int(lengths.max()) + seq
-    if end > capacity:
-        raise ValueError(f"{what} holds {capacity} tokens; {end} requested "
-                         f"({end - seq} cached + {seq} new)")
+    if key_window is None:
+        end = int(lengths.max()) + seq
+        if end > capacity:
+            raise ValueError(f"{what} holds {capacity} tokens; {end} requested "
+                             f"({end - seq} cached + {seq} new)")
     shape = [1] * new.dim()
     shape[dim] = seq
     steps = torch.arange(seq, device=new.device).view(shape)
     slots = lengths.view([-1] + [1] * (new.dim() - 1)) + steps  # broadcasts to new's shape
+    if key_window is not None:
+        slots = slots.clamp(max=capacity - 1)
     buffer.scatter_(dim, slots.expand_as(new), new.to(buffer.dtype))
-    return end
+    return end if key_window is None else key_window
 
 
 def position_mask(positions: torch.Tensor, num_keys: int) -> torch.Tensor:

@@ -47,6 +47,7 @@ class MLACache(RowLengths):
     """
 
     kv: torch.Tensor  # (B, max_len, r+dr): c_kv then k_rope
+    reads_key_window = True  # attention reads its slots (a decode step sizes them statically)
     kv_rank: int = 0  # r: the latent's width in `kv`
 
     def _rows(self) -> torch.Tensor:
@@ -64,7 +65,7 @@ class MLACache(RowLengths):
         """Write c_kv (B, T, r) / k_rope (B, T, dr) at each row's next slots; return every slot
         in use (B, S, r+dr). Rows advance by `input_lengths` (default T)."""
         end = write_rows(self.kv, torch.cat([c_kv, k_rope], dim=-1), self.lengths, 1,
-                         "MLA cache")
+                         "MLA cache", self.key_window)
         self.lengths = advanced(self.lengths, c_kv.shape[1], self.input_lengths)
         return self.kv[:, :end]
 
