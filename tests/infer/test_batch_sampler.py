@@ -60,8 +60,9 @@ def test_penalised_logits_equal_the_reference():
     params = [SamplingParams(**p) for p in PENALTIES]
     sampler = BatchSampler(len(params), V, torch.device("cpu"))
     cases = [penalty_case(seed=row) for row in range(len(params))]
-    for row, (p, (prompt, output)) in enumerate(zip(params, cases, strict=True)):
+    for row, (p, (prompt, _)) in enumerate(zip(params, cases, strict=True)):
         sampler.admit(row, p, prompt)
+    for row, (_, output) in enumerate(cases):
         for token in output.tolist():  # as the steps that generated them would have counted
             sampler.counts[row, token] += 1
     knobs = RowKnobs.of(params, V, logits.device)
@@ -206,6 +207,7 @@ def test_choices_of_a_seeded_request_are_seed_plus_i(make_history_model):
             max_tokens=8, temperature=1.5, seed=40 + i))[0].token_ids
         assert tokens == alone
     assert len({tuple(c) for c in choices}) == 3
+    assert engine.sampler.counts is None  # no penalties asked: no (B, V) count buffers
     with pytest.raises(ValueError, match="seed"):
         engine.add_choices(prompt, SamplingParams(seed=2**64 - 2), 3)
     assert not engine.waiting

@@ -147,18 +147,24 @@ class BatchSampler:
     """The sampling state of an engine's B pool rows and the batched draw.
 
     A row's counts are emptied when a request with penalties takes it (`admit`) and grow by
-    one per token the step samples; rows of requests without penalties are never read."""
+    one per token the step samples; rows of requests without penalties are never read. The
+    count buffers (5 bytes per row and vocabulary entry) are allocated when the first
+    request with penalties arrives."""
 
     def __init__(self, max_batch: int, vocab: int, device: torch.device) -> None:
-        self.vocab, self.device = vocab, device
-        self.counts = torch.zeros(max_batch, vocab, device=device)  # (B, V) times generated
-        self.prompt_seen = torch.zeros(max_batch, vocab, dtype=torch.bool, device=device)
-        self.generator = torch.Generator(device=device)  # the unseeded rows' noise
+        self.max_batch, self.vocab, self.device = max_batch, vocab, device
+        self.counts: torch.Tensor | None = None  # (B, V) float32: times each was generated
+        self.prompt_seen: torch.Tensor | None = None  # (B, V) bool: in the prompt
+        self.generator = torch.Generator(device=device)  # the noise of rows without their own
         self.generator.seed()
 
     def admit(self, row: int, params: SamplingParams, prompt: torch.Tensor) -> None:
         """A request with `params` and prompt (P,) long takes pool row `row`."""
         if has_penalties(params):
+            if self.counts is None:
+                shape = (self.max_batch, self.vocab)
+                self.counts = torch.zeros(shape, device=self.device)
+                self.prompt_seen = torch.zeros(shape, dtype=torch.bool, device=self.device)
             self.counts[row].zero_()
             self.prompt_seen[row].zero_()
             self.prompt_seen[row, prompt] = True
