@@ -6,11 +6,12 @@ copy), and computes all tokens, and the logprobs of the rows that asked for them
 device; then reads everything back with ONE `.tolist()`. A step of R rows therefore waits
 on the device once, however many rows it samples, instead of once per row.
 
-Penalties read per-row token counts kept on the device for every pool row (`counts`,
+Penalties read per-row token counts kept on the device for the pool rows (`counts`,
 `prompt_seen`), updated by the step that samples each token, so no history is copied from
-the host. Draws use the exponential race of `sampler.raced`: a seeded request draws its
-noise from its own generator (one (V,) draw per token, as the reference does), so its
-tokens do not depend on what else is in the batch; unseeded rows share one generator.
+the host. Draws use the exponential race of `sampler.raced`: a row with a generator of its
+own (a seeded request, or one given a generator) draws its noise from it (one (V,) draw per
+token, as the reference does), so a seeded request's tokens do not depend on what else is
+in the batch; the other rows share one generator.
 
 The arithmetic is that of `sampler` (the reference twin), on rows: masks and penalised
 logits are equal bit for bit (tests/infer/test_batch_sampler.py).
@@ -176,7 +177,8 @@ class BatchSampler:
         """logits (R, V) of pool rows `rows`, each row's SamplingParams and generator (None:
         it draws from the sampler's shared one) -> each row's token and, where
         params.logprobs is set, its TokenLogprob. One read from the device. ValueError when
-        a row's logits hold NaN (the reference's check, read back with the tokens)."""
+        a row's logits hold NaN (the reference's check, read back with the tokens). A row
+        with penalties must have been `admit`ted (its counts start then)."""
         picks = self._read(logits, self.tokens(logits, rows, params, generators), params)
         if any(token < 0 for token, _ in picks):
             raise ValueError(NAN_LOGITS)
