@@ -175,8 +175,7 @@ needs_serve = pytest.mark.skipif(
     reason="needs the serve extra and httpx")
 
 
-@needs_serve
-@pytest.mark.slow  # a server subprocess: ~20 s on 2 busy cores
+@needs_serve  # a server subprocess: about 7 s on 2 cores
 def test_serve_load_quick_run(tmp_path):
     out = tmp_path / "serve.json"
     done = run_module("bench.serve_load", "--quick", "--device", "cpu", "--out", str(out))
