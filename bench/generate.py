@@ -228,9 +228,11 @@ class Plan:
 
 def timed_with_warmup(warm: Callable[[], object], timed: Callable[[], Decoded]
                       ) -> tuple[Decoded, float]:
+    """(the timed run's result, the warm-up's seconds); the warm-up runs first."""
     t0 = time.perf_counter()
     warm()
-    return timed(), time.perf_counter() - t0
+    warmup_s = time.perf_counter() - t0
+    return timed(), warmup_s
 
 
 def plans(device: torch.device, dtype: torch.dtype, quick: bool, new_tokens: int,

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,20 @@ def test_engine_run_counts_every_generated_token(make_history_model):
     decoded = generate.engine_run(engine, batch_prompts, 6, torch.device("cpu"))
     assert decoded.tokens_per_s * decoded.decode_s == pytest.approx(3 * 5)  # B x (N - 1)
     assert not engine.requests and sorted(engine.pool.free) == [0, 1, 2]
+
+
+def test_warmup_seconds_leave_out_the_timed_run():
+    order = []
+    decoded = generate.Decoded(1.0, None, 1.0, 1.0)
+
+    def timed():
+        order.append("timed")
+        time.sleep(0.2)
+        return decoded
+
+    result, warmup_s = generate.timed_with_warmup(lambda: order.append("warm"), timed)
+    assert order == ["warm", "timed"] and result is decoded
+    assert warmup_s < 0.1
 
 
 def fake_plan(measure) -> generate.Plan:
