@@ -281,6 +281,8 @@ def row_of(measured: dict[str, Any] | None, error: str | None = None) -> Row:
 
 def run(device: torch.device, quick: bool) -> list[Row]:
     """bench.all's entry: the default sizes (or the quick ones)."""
+    if (missing := check_extras()) is not None:
+        return [row_of(None, f"n/a: {missing}")]
     try:
         return [row_of(measure(device, quick))]
     except Exception as exc:
