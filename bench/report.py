@@ -48,7 +48,9 @@ TARGETS = (
     Target("token-routed >= 90% of dense", "token-routed E4 ff5632 vs dense", "ratio", 0.9),
     Target("learned top-2 above HF Mixtral", "learned top-2 E8 ff2816 vs HF Mixtral", "ratio", 1.0),
     Target("token-routed above HF Mixtral", "token-routed E4 ff5632 vs HF Mixtral", "ratio", 1.0),
-    Target("MLA decode >= 60% of copy bandwidth", "MLA decode absorbed B8 S32768", "ratio", 0.6),
+    # The step as the engine runs it on a GPU: a CUDA graph (the eager row waits on the host).
+    Target("MLA decode >= 60% of copy bandwidth", "MLA decode absorbed, CUDA graph B8 S32768",
+           "ratio", 0.6),
     Target("187m engine >= 1,000 tokens/s at batch 1", "decode 187m engine B1", "value", 1000),
     Target("187m engine >= 50,000 tokens/s at batch 128", "decode 187m engine B128", "value",
            50_000),
