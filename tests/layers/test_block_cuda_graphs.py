@@ -95,7 +95,9 @@ def train_step(block: Block, inputs: dict[str, torch.Tensor], probe: torch.Tenso
     grads = torch.autograd.grad(loss, [h, *block.parameters()], allow_unused=True,
                                 materialize_grads=True)
     counts = stats.get("expert_counts", torch.zeros(0, device=h.device))
-    return (out, counts, *grads)
+    # Detached: a kept autograd graph would keep its AccumulateGrad nodes, and their stream,
+    # alive into the next step.
+    return (out.detach(), counts, *grads)
 
 
 def forward_step(block: Block, inputs: dict[str, torch.Tensor],
