@@ -108,15 +108,22 @@ class HostReadWatch(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("mode", ["compiling", "capturing"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_training_step_reads_no_tensor_value_on_the_host(case, monkeypatch):
-    """Eager, as a compiled graph would run it (`is_compiling()` true: the sync-free expert
-    path, and no value checks of the input ids); `.tolist()` bypasses the dispatcher, so it
-    is trapped on its own."""
+def test_a_training_step_reads_no_tensor_value_on_the_host(case, mode, monkeypatch):
+    """Eager, as a compiled graph or a CUDA graph capture would run it (`is_compiling()` or
+    the capture query true: the sync-free expert path, and no value checks of the input ids),
+    the balance step included; `.tolist()` bypasses the dispatcher, so it is trapped on its
+    own."""
     model = build(case)
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    if mode == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    else:
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("tolist on the host"))
     with HostReadWatch() as watch:
         model(ids, labels=ids).loss.backward()
+        model.balance_step()
     assert watch.reads == []

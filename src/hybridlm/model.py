@@ -28,7 +28,7 @@ from hybridlm.layers.moe import causal_routing
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import segment_positions, segment_starts
 from hybridlm.layers.routing import ExpertMLP, LoadBalanced, TokenTableRouted
-from hybridlm.ops import linear_cross_entropy
+from hybridlm.ops import host_reads_allowed, linear_cross_entropy
 
 
 @dataclass
@@ -228,6 +228,8 @@ class HybridLM(nn.Module):
             return
         self._check_input_lengths(input_lengths, input_ids, cache)
         seq = input_ids.shape[1]
+        if cache is not None and not host_reads_allowed():
+            return  # the cached lengths are device values (see _check_input_ids)
         end = seq if cache is None else int(advanced(cache.lengths, seq, input_lengths).max())
         if end > self.config.max_position_embeddings:
             raise ValueError(
@@ -267,6 +269,8 @@ class HybridLM(nn.Module):
                 or input_lengths.dtype == torch.bool):
             raise ValueError(f"input_lengths must be an integer tensor of shape ({batch},); got "
                              f"{input_lengths.dtype} of shape {tuple(input_lengths.shape)}")
+        if not host_reads_allowed():
+            return  # values are device data here (see _check_input_ids)
         low, high = int(input_lengths.min()), int(input_lengths.max())
         if low < 0 or high > seq:
             raise ValueError(f"input_lengths holds {low if low < 0 else high}, outside "
@@ -280,9 +284,10 @@ class HybridLM(nn.Module):
             )
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty")
-        if not values or torch.compiler.is_compiling():
-            # Reading the ids' range waits for the device and breaks a compiled graph:
-            # compiled forwards check shapes and dtypes only (eager ones check the values).
+        if not values or not host_reads_allowed():
+            # Reading the ids' range waits for the device, breaks a compiled graph and is
+            # illegal in a CUDA graph capture: compiled and captured forwards (and static
+            # decode steps) check shapes and dtypes only (eager ones check the values).
             return
         low, high = int(input_ids.min()), int(input_ids.max())
         vocab = self.config.vocab_size

@@ -404,6 +404,18 @@ def test_balance_updates_by_hand():
         assert mlp.router.expert_bias.abs().sum() == 0
 
 
+@pytest.mark.parametrize("balance", ["aux_free", "ema"])
+def test_a_balance_step_with_nothing_seen_moves_nothing(balance):
+    mlp = make_moe(moe_balance=balance, moe_aux_free_rate=0.1, moe_ema_rate=0.1)
+    mlp.apply_balance(torch.tensor([10.0, 2.0, 4.0, 4.0]))
+    bias, ema = mlp.router.expert_bias.clone(), mlp.load_ema
+    ema = None if ema is None else ema.clone()
+    mlp.apply_balance(torch.zeros(E))
+    assert torch.equal(mlp.router.expert_bias, bias)
+    assert ema is None or torch.equal(mlp.load_ema, ema)
+    assert torch.isfinite(mlp.router.expert_bias).all()
+
+
 # --- 6. the bias changes selection only -------------------------------------------------------
 def test_bias_changes_selection_not_weights():
     router = TopKRouter(H, E, top_k=2, score="softmax", renormalize=False)

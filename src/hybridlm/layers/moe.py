@@ -378,17 +378,22 @@ class MoEMLP(nn.Module):
           = mean(load), written with the loads normalised by the target (target = 1): the
           step then no longer scales with the batch size, and rate means what gamma means.
         none / aux_loss, and expert choice (no bias, balanced by construction): reset only.
+        A zero load (nothing seen) corrects nothing. Nothing is read on the host, so the
+        step neither waits for the device nor stops a CUDA graph capture.
         """
         load = load.detach().to(device=self.load_since_balance.device, dtype=torch.float32)
         if load.shape != (self.num_experts,):
             raise ValueError(f"load has shape {tuple(load.shape)}, expected ({self.num_experts},)")
         bias = getattr(self.router, "expert_bias", None)
-        if bias is not None and float(load.sum()) > 0:  # nothing seen: nothing to correct
-            target = load.mean()
-            if self.balance == "aux_free":
+        if bias is not None:
+            target = load.mean()  # ()
+            if self.balance == "aux_free":  # a zero load: every sign is 0, nothing moves
                 bias += self.aux_free_rate * torch.sign(target - load)
             elif self.balance == "ema":
+                seen = target > 0  # () bool, kept on the device
                 decay = self.ema_decay
-                self.load_ema.mul_(decay).add_(load / target, alpha=1.0 - decay)
-                bias -= self.ema_rate * (self.load_ema - 1.0)
+                ema = (self.load_ema * decay).add_(load / target.clamp_min(1e-20),
+                                                   alpha=1.0 - decay)
+                self.load_ema.copy_(torch.where(seen, ema, self.load_ema))
+                bias -= torch.where(seen, self.ema_rate * (self.load_ema - 1.0), 0.0)
         self.load_since_balance.zero_()

@@ -9,7 +9,13 @@ and layers never import triton or CUDA code directly.
 from __future__ import annotations
 
 from hybridlm.ops.attention import attention
-from hybridlm.ops.dispatch import current_impl, fast_path_enabled, set_impl, use_impl
+from hybridlm.ops.dispatch import (
+    current_impl,
+    fast_path_enabled,
+    host_reads_allowed,
+    set_impl,
+    use_impl,
+)
 from hybridlm.ops.grouped import grouped_swiglu, sort_by_expert
 from hybridlm.ops.linear_cross_entropy import (
     linear_cross_entropy,
@@ -27,6 +33,7 @@ __all__ = [
     "current_impl",
     "fast_path_enabled",
     "grouped_swiglu",
+    "host_reads_allowed",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "selective_scan",

@@ -9,11 +9,15 @@ SwiGLU, with every shape fixed by the input sizes (never by the routing's counts
 - `grouped_swiglu_padded`: every expert gets a buffer of a static `capacity` rows (a bound on
   its slots that the router knows: N for top-k, C for capacity and expert choice), filled by
   a gather and computed with batched matmuls. Sync-free in any dtype and on any device, and
-  what a compiled graph uses off the fast path; it spends E * capacity / M times the FLOPs of
-  the slots, so it is the fallback, not the fast path.
-  It is also the CUDA path for a few slots (decode steps), where it is the faster one.
+  what a compiled graph or a CUDA graph capture uses off the fast path
+  (`dispatch.host_reads_allowed()` is False for both); it spends E * capacity / M times the
+  FLOPs of the slots, so it is the fallback, not the fast path, except for a few slots
+  (decode steps) on CUDA, where it is the faster one (`_padded_is_cheaper`).
 - the reference loop, for eager CPU work: there reading the counts costs no device wait, and
   one matmul per expert is the fastest CPU formulation (measured on the demo's sizes).
+
+Forced to the reference (`ops.use_impl("reference")`), a CUDA graph capture is refused with a
+clear error: the loop and bincount read the counts on the host.
 
 Glossary: M routed slots, E experts, H hidden, I expert width, C static rows per expert.
 """
@@ -23,7 +27,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybridlm.ops.dispatch import current_impl, fast_path_enabled
+from hybridlm.ops.dispatch import (
+    current_impl,
+    fast_path_enabled,
+    host_reads_allowed,
+    refuse_capture,
+)
 from hybridlm.ops.reference import grouped_swiglu_reference, sort_by_expert_reference
 
 
@@ -34,6 +43,7 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Te
     fixed bins (bincount's output size depends on the data, so it waits for the device).
     """
     if current_impl() == "reference":
+        refuse_capture("sort_by_expert")
         return sort_by_expert_reference(expert_ids, num_experts)
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -82,6 +92,7 @@ def grouped_swiglu(
     GEMMs skip masking a tail that cannot exist.
     """
     if current_impl() == "reference":
+        refuse_capture("grouped_swiglu")
         return grouped_swiglu_reference(x_sorted, counts, w_gate, w_up, w_down)
     if fast_path_enabled(x_sorted) and _padded_is_cheaper(x_sorted, w_gate):
         # Decode-sized: batched matrix-vector products beat the grouped GEMM's fixed cost.
@@ -91,7 +102,9 @@ def grouped_swiglu(
         return grouped_swiglu_grouped_mm(
             x_sorted, counts, w_gate, w_up, w_down, mask_tail=not covers_all_rows
         )
-    if x_sorted.is_cuda or torch.compiler.is_compiling():
+    # On CUDA the loop's count reads would wait for the device; compiled and captured graphs
+    # may not read at all. Only eager CPU work takes the loop.
+    if x_sorted.is_cuda or not host_reads_allowed():
         bound = x_sorted.shape[0] if capacity is None else min(capacity, x_sorted.shape[0])
         return grouped_swiglu_padded(x_sorted, counts, w_gate, w_up, w_down, bound)
     return grouped_swiglu_reference(x_sorted, counts, w_gate, w_up, w_down)

@@ -83,6 +83,23 @@ def _load_rows(ptr, s_b, s_t, s_c, b, t, cols, mask):
 
 
 @triton.jit
+def _program_block(A_ptr, D_ptr, s_ad, s_an, DIN, N, BD: tl.constexpr, NP: tl.constexpr):
+    """What both kernels start with: this program's batch row b and channel block, its masks,
+    its offsets into a (Din, N) state, and A (BD, NP) and D (BD,) of its channels in fp32."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_d = tl.program_id(0) * BD + tl.arange(0, BD)  # (BD,)
+    offs_n = tl.arange(0, NP)
+    mask_d = offs_d < DIN
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    state_offs = offs_d[:, None] * N + offs_n[None, :]  # (BD, NP) into a (Din, N) state
+    a_raw = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn,
+                    other=0.0).to(tl.float32)
+    d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return b, offs_d, offs_n, mask_d, mask_n, mask_dn, state_offs, a_raw, d_skip
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, reset_ptr,
     y_ptr, h_last_ptr, starts_ptr,
@@ -94,18 +111,10 @@ def _scan_fwd_kernel(
 ):
     # K tiles of T steps; the state entering every TS steps goes to starts (Bt, KS, Din, N).
     SUB: tl.constexpr = T // TS
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BD + tl.arange(0, BD)  # (BD,)
-    offs_n = tl.arange(0, NP)
+    b, offs_d, offs_n, mask_d, mask_n, mask_dn, state_offs, a_raw, d_skip = _program_block(
+        A_ptr, D_ptr, s_ad, s_an, DIN, N, BD, NP)
     rows = tl.arange(0, T)
-    mask_d = offs_d < DIN
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    state_offs = offs_d[:, None] * N + offs_n[None, :]  # (BD, NP) into a (Din, N) state
-    a2 = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn,
-                 other=0.0).to(tl.float32) * 1.4426950408889634  # A log2(e): exp2 below
-    d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    a2 = a_raw * 1.4426950408889634  # A log2(e): exp2 below
     if HAS_H0:
         h = tl.load(h0_ptr + b * DIN * N + state_offs, mask=mask_dn, other=0.0)
     else:
@@ -149,23 +158,15 @@ def _scan_bwd_kernel(
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
 ):
     # K tiles of T steps (the forward's TS), walked last to first; starts holds one per tile.
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BD + tl.arange(0, BD)  # (BD,)
-    offs_n = tl.arange(0, NP)
+    b, offs_d, offs_n, mask_d, mask_n, mask_dn, state_offs, a_raw, d_skip = _program_block(
+        A_ptr, D_ptr, s_ad, s_an, DIN, N, BD, NP)
     rows = tl.arange(0, T)
-    mask_d = offs_d < DIN
-    mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    state_offs = offs_d[:, None] * N + offs_n[None, :]  # (BD, NP)
-    a_raw = tl.load(A_ptr + offs_d[:, None] * s_ad + offs_n[None, :] * s_an, mask=mask_dn,
-                    other=0.0).to(tl.float32)
     a2 = a_raw * 1.4426950408889634
-    d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     carry = tl.load(gh_ptr + b * DIN * N + state_offs, mask=mask_dn, other=0.0)  # dL/dh_end
     grad_a = tl.zeros([BD, NP], dtype=tl.float32)
     grad_d = tl.zeros([BD], dtype=tl.float32)
-    partial = (pid_d * BT + b) * L * N  # this block's slice of the (P, Bt, L, N) partials
+    # This block's slice of the (P, Bt, L, N) partials.
+    partial = (tl.program_id(0) * BT + b) * L * N
     for kk in range(0, K):
         k = K - 1 - kk
         t = k * T + rows  # (T,)
