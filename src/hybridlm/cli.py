@@ -141,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError(f"serving needs {err.name}, which is not installed: "
                          "pip install 'hybridlm[serve]'") from None
     engine, name, template = load_engine(args.model, args.max_batch, args.device,
-                                         args.queue_timeout)
+                                         args.queue_timeout, args.dtype, args.compile)
     run_server(uvicorn, engine, name, template, args.host, args.port, args.api_key)
 
 
@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on the /v1 routes")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights and caches (auto: bfloat16 on a GPU that has it, else float32)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the CUDA-graph decode step (torch.compile; --device cuda)")
     p.add_argument("--queue-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="a request that finds no free cache row within this long gets a 503 "
                         "(default 60)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from live_server import MODEL_NAME
 
 from cli_errors import assert_one_line_error, run_cli
@@ -88,9 +89,21 @@ def test_without_fastapi_serve_is_a_one_line_error(model_dir, capsys, monkeypatc
     (["--api-key", ""], ["--api-key", "empty"]),
     (["--queue-timeout", "0"], ["--queue-timeout", "> 0"]),
     (["--queue-timeout", "nan"], ["--queue-timeout", "finite"]),
+    (["--compile"], ["--compile", "--device cuda"]),
 ])
 def test_bad_serve_flags_are_one_line_errors(model_dir, capsys, argv, words):
     assert_one_line_error(["serve", "--model", model_dir, *argv], *words, capsys=capsys)
+
+
+def test_the_served_weights_take_the_asked_dtype(model_dir):
+    from hybridlm.serve.cli import load_engine, serving_dtype
+
+    assert serving_dtype("auto", "cpu") == torch.float32
+    engine, _, _ = load_engine(model_dir, 1, "cpu", dtype="bfloat16")
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    assert engine.pool.cache.layers[0].k.dtype == torch.bfloat16  # the cache follows
+    engine, _, _ = load_engine(model_dir, 1, "cpu")
+    assert {p.dtype for p in engine.model.parameters()} == {torch.float32}
 
 
 def test_a_missing_model_directory_is_a_one_line_error(tmp_path, capsys):

@@ -229,11 +229,12 @@ class Engine:
         -> the logits (hi - lo, T, V) and lo."""
         lo, hi = min(feed), max(feed) + 1
         width = max(map(len, feed.values()))
-        ids = torch.zeros(hi - lo, width, dtype=torch.long, device=self.device)
-        lengths = torch.zeros(hi - lo, dtype=torch.long, device=self.device)
-        for row, tokens in feed.items():  # padding id 0: any id works, it is never read
-            ids[row - lo, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            lengths[row - lo] = len(tokens)
+        # Built on the host, then one copy to the device (not one per row).
+        rows = [feed.get(row, []) for row in range(lo, hi)]
+        padded = [tokens + [0] * (width - len(tokens)) for tokens in rows]  # id 0: never read
+        ids = torch.tensor(padded, dtype=torch.long).to(self.device, non_blocking=True)
+        lengths = torch.tensor([len(t) for t in rows], dtype=torch.long).to(self.device,
+                                                                            non_blocking=True)
         view = self.pool.view(lo, hi)
         logits = self.model(ids, cache=view, input_lengths=lengths).logits
         self.pool.store(view, lo)

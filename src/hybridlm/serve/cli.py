@@ -20,10 +20,25 @@ from hybridlm.serve.app import build_app
 GRACE_S = 30  # the longest a shutdown waits for requests still running
 
 
-def load_engine(model_dir: str, max_batch: int, device: str, queue_timeout: float = 60.0
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def serving_dtype(name: str, device: str) -> torch.dtype:
+    """--dtype: "auto" is bfloat16 on a GPU that supports it, float32 otherwise."""
+    if name == "auto":
+        return (torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported()
+                else torch.float32)
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_engine(model_dir: str, max_batch: int, device: str, queue_timeout: float = 60.0,
+                dtype: str = "auto", compile_decode: bool = False
                 ) -> tuple[Engine, str, ChatTemplate]:
-    """An Engine over the model directory's model and tokenizer, the name it is served as
-    (the directory's name) and its chat template."""
+    """An Engine over the model directory's model (in `dtype`, see `serving_dtype`) and
+    tokenizer, the name it is served as (the directory's name) and its chat template. On
+    CUDA the engine decodes with CUDA graphs; compile_decode also compiles that step."""
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"--max-batch {max_batch} must be an int >= 1")
     if not (math.isfinite(queue_timeout) and queue_timeout > 0):
@@ -31,13 +46,17 @@ def load_engine(model_dir: str, max_batch: int, device: str, queue_timeout: floa
                          "seconds > 0")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
-    model = HybridLM.from_pretrained(model_dir).to(device).eval()
+    if compile_decode and device != "cuda":
+        raise ValueError("--compile compiles the CUDA-graph decode step: it needs --device cuda")
+    weights_dtype = serving_dtype(dtype, device)
+    model = HybridLM.from_pretrained(model_dir).to(device, weights_dtype).eval()
     tokenizer = Tokenizer.from_file(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but "
                          f"the model's vocab_size is {model.config.vocab_size}: the "
                          "tokenizer.json there is not the one the model was trained with")
-    engine = Engine(model, tokenizer, max_batch=max_batch, queue_timeout=queue_timeout)
+    engine = Engine(model, tokenizer, max_batch=max_batch, queue_timeout=queue_timeout,
+                    compile_decode=compile_decode)
     return engine, Path(model_dir).resolve().name, ChatTemplate.load(model_dir)
 
 
