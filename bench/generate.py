@@ -58,6 +58,7 @@ HF_DYNAMIC, HF_STATIC = "HF Llama dynamic cache", "HF Llama static cache"
 HF_DYNAMIC_NAME = "HF LlamaForCausalLM.generate, dynamic cache"
 HF_STATIC_NAME = "HF LlamaForCausalLM.generate, static cache"
 ENGINE_187M = "187m engine"
+ENGINE_187M_COMPILED = "187m engine, compiled decode"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -245,9 +246,10 @@ def plans(device: torch.device, dtype: torch.dtype, quick: bool, new_tokens: int
                 return HybridLM(stack.config(quick)).to(dtype).eval()
         return build
 
-    def engine_measure(model: HybridLM, batch: int) -> tuple[Decoded, float]:
+    def engine_measure(model: HybridLM, batch: int, compile_decode: bool = False
+                       ) -> tuple[Decoded, float]:
         batch_prompts = prompts(batch, prompt_tokens, model.config.vocab_size)
-        engine = Engine(model, max_batch=batch)
+        engine = Engine(model, max_batch=batch, compile_decode=compile_decode)
         return timed_with_warmup(
             lambda: engine_run(engine, batch_prompts, min(new_tokens, WARMUP_TOKENS), device),
             lambda: engine_run(engine, batch_prompts, new_tokens, device))
@@ -283,12 +285,17 @@ def plans(device: torch.device, dtype: torch.dtype, quick: bool, new_tokens: int
 
     engines = [Plan(f"{stack.label} engine", hybridlm_model(stack), engine_measure)
                for stack in STACKS]
+    # The decode step compiled too (Engine(compile_decode=True): CUDA graphs only).
+    compiled = ([Plan(ENGINE_187M_COMPILED, hybridlm_model(STACKS[0]),
+                      lambda model, batch: engine_measure(model, batch, compile_decode=True))]
+                if device.type == "cuda" else [])
     # The order a spent time budget cuts from the end: the targets first, then the
     # static-cache peer (transformers compiles it for each batch size: minutes on a GPU).
     return [
         engines[0],
         Plan(HF_DYNAMIC, hf_model, hf_measure(static=False), needs_transformers=True),
         *engines[1:],
+        *compiled,
         Plan(HF_STATIC, hf_model, hf_measure(static=True), needs_transformers=True),
         Plan("187m HybridLM.generate", hybridlm_model(STACKS[0]), generate_measure),
     ]
@@ -387,6 +394,9 @@ def rows_of(cells: list[Cell], new_tokens: int, prompt_tokens: int) -> list[Row]
             label = f"{stack.label} engine"
             rows.append(row_of(f"decode {label} B{batch}", by.get((label, batch)),
                                HF_DYNAMIC_NAME, hf_dynamic, note))
+        rows.append(row_of(f"decode 187m engine, compiled decode B{batch}",
+                           by.get((ENGINE_187M_COMPILED, batch)), HF_DYNAMIC_NAME, hf_dynamic,
+                           note))
         rows += [
             row_of(f"decode nexus-small vs 187m B{batch}", by.get(("nexus-small engine", batch)),
                    "hybridlm 187m engine", engine_187m, "the issue's target: within 2x"),

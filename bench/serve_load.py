@@ -214,7 +214,7 @@ def measure(device: torch.device, quick: bool, clients: int | None = None,
     prompt_tokens = QUICK_PROMPT_TOKENS if quick else PROMPT_TOKENS
     settings = {"clients": clients, "max_tokens": max_tokens, "rounds": rounds,
                 "max_batch": max_batch, "prompt_tokens": prompt_tokens, "preset": PRESET,
-                "weights": "random, saved in float32 (hybridlm serve loads them so)"}
+                "weights": "random, saved in float32; served in --dtype auto (bfloat16 on CUDA)"}
     with tempfile.TemporaryDirectory(prefix="hybridlm-serve-load-") as tmp:
         t0 = time.perf_counter()
         model_dir = Path(tmp) / MODEL_NAME
