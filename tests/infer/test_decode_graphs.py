@@ -112,7 +112,8 @@ def test_the_compiled_static_step_gives_the_eager_engines_tokens(make_history_mo
 
 def test_cuda_graphs_are_off_on_cpu_and_refused_when_asked(make_history_model):
     model = make_history_model(**STACKS["gqa"])
-    assert Engine(model, max_batch=2).graphs is None
+    engine = Engine(model, max_batch=2)
+    assert engine.graphs is None and engine.warm_up() == 0
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
         Engine(model, max_batch=2, cuda_graphs=True)
     with pytest.raises(ValueError, match="cuda_graphs='yes'"):
@@ -147,8 +148,11 @@ def test_cuda_graph_decode_gives_the_eager_engines_tokens(make_history_model, st
                       requests())
     engine = Engine(model, max_batch=3, prefill_chunk=4)  # graphs: on by default on CUDA
     assert engine.graphs is not None and engine.graphs.capture
+    captured = engine.warm_up()
+    graphs = engine.graphs
+    assert captured == len(graphs.row_buckets) * len(graphs.window_buckets) > 1
     graphed = staggered(engine, requests())
-    assert engine.graphs.graphs  # decode steps ran as replays
+    assert len(graphs.graphs) == captured  # every step replayed a graph captured up front
     assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
     assert all(len(set(o.token_ids)) >= 4 for o in graphed)
     assert engine.pool.cache.lengths.tolist() == [0, 0, 0]

@@ -11,10 +11,11 @@ not by the GPU. Here the step is one fixed computation per bucket (rows, window)
 - window: attention covers the first `window` slots of each row (`ModelCache.key_window`), a
   static shape that every fed row's length + 1 fits in; nothing is read on the host.
 
-On CUDA each bucket is captured once, on first use, into a CUDA graph (all graphs share one
-memory pool) and replayed with the new tokens copied into its static inputs. Elsewhere, or
-with `capture=False`, the same static step runs eagerly: the twin the graphs are tested
-against, and the reference for the eager engine path (`Engine._forward`).
+On CUDA each bucket is captured once, on first use or by `capture_all` (a server's
+start-up), into a CUDA graph (all graphs share one memory pool) and replayed with the new
+tokens copied into its static inputs. Elsewhere, or with `capture=False`, the same static
+step runs eagerly: the twin the graphs are tested against, and the reference for the eager
+engine path (`Engine._forward`).
 
 Glossary: R rows of a bucket (<= max_batch), W key window, V vocab.
 """
@@ -84,6 +85,19 @@ class DecodeGraphs:
                              f"slots does not fit the pool ({self.row_buckets[-1]} rows of "
                              f"{self.pool.capacity} slots)")
         return rows, window
+
+    @torch.no_grad()
+    def capture_all(self) -> int:
+        """Capture every bucket now (a server's start-up) rather than on first use, largest
+        first, so the graphs' shared memory pool is sized once; returns how many were new."""
+        if not self.capture:
+            return 0
+        new = 0
+        for rows in reversed(self.row_buckets):
+            for window in reversed(self.window_buckets):
+                new += (rows, window) not in self.graphs
+                self._graph(rows, window)
+        return new
 
     @torch.no_grad()
     def decode(self, tokens: dict[int, int], window_needed: int) -> torch.Tensor:

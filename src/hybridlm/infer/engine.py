@@ -157,6 +157,11 @@ class Engine:
         elif request in self.waiting:
             self.waiting.remove(request)
 
+    def warm_up(self) -> int:
+        """Capture the CUDA graph of every decode bucket now, so no request waits for a
+        capture later (a no-op without graphs); returns the number captured."""
+        return self.graphs.capture_all() if self.graphs is not None else 0
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -57,6 +57,7 @@ def load_engine(model_dir: str, max_batch: int, device: str, queue_timeout: floa
                          "tokenizer.json there is not the one the model was trained with")
     engine = Engine(model, tokenizer, max_batch=max_batch, queue_timeout=queue_timeout,
                     compile_decode=compile_decode)
+    engine.warm_up()  # every decode graph captured before the first request
     return engine, Path(model_dir).resolve().name, ChatTemplate.load(model_dir)
 
 
