@@ -12,6 +12,7 @@ measured figure and whether it is met.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -199,10 +200,19 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        sys.exit("usage: python -m bench.report results.json [more.json ...] > bench/RESULTS.md")
-    sys.stdout.write(markdown(combine([json.loads(Path(a).read_text()) for a in args])))
+    parser = argparse.ArgumentParser(prog="python -m bench.report",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("results", nargs="+", type=Path,
+                        help="JSON of `bench.all --out` (or bench.generate / bench.serve_load); "
+                             "later files complete the first")
+    args = parser.parse_args(argv)
+    runs = []
+    for path in args.results:
+        try:
+            runs.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            parser.error(f"{path}: {err}")
+    sys.stdout.write(markdown(combine(runs)))
 
 
 if __name__ == "__main__":
