@@ -103,3 +103,26 @@ def test_report_writes_markdown(quick_run, tmp_path):
     for row in results["rows"]:
         assert f"| {row['name']} |" in text
     assert "this run used the quick sizes" in text
+
+
+def test_a_target_reads_its_row_or_else_its_fallback():
+    from bench.report import TARGETS, target_lines
+
+    mla = next(t for t in TARGETS if t.fallback)
+    row = {"value": 1.0, "ratio": 0.7}
+    goal_line = [line for line in target_lines([{"name": mla.row, **row}])
+                 if line[0] == mla.goal]
+    assert goal_line == [[mla.goal, "0.70x", "met"]]
+    older = [line for line in target_lines([{"name": mla.fallback, **row, "ratio": 0.1}])
+             if line[0] == mla.goal]
+    assert older == [[mla.goal, f"0.10x ({mla.fallback})", "not met"]]
+    assert next(line for line in target_lines([]) if line[0] == mla.goal)[2] == "not measured"
+
+
+def test_report_refuses_a_missing_file_in_one_line():
+    done = run_module("bench.report", "/nonexistent/results.json")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        "/nonexistent/results.json: [Errno 2] No such file or directory: "
+        "'/nonexistent/results.json'")
+    assert "Traceback" not in done.stderr
