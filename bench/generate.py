@@ -35,14 +35,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench import peers, train_187m, train_nexus
 from bench.report import number, write_json
-from bench.timing import Row, progress, release_memory, synchronize
+from bench.timing import Row, bench_parser, progress, release_memory, synchronize
 from hybridlm import HybridLM, ModelConfig
 from hybridlm.infer.engine import Engine
 from hybridlm.infer.sampling_params import SamplingParams
@@ -467,12 +466,7 @@ def positive_ints(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.generate",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--device", choices=("cuda", "cpu"),
-                        help="default: cuda when available, else cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
+    parser = bench_parser("bench.generate", __doc__, "default: cuda when available, else cpu")
     parser.add_argument("--batches", type=positive_ints,
                         help=f"default {','.join(map(str, BATCHES))} "
                              f"(quick: {','.join(map(str, QUICK_BATCHES))})")

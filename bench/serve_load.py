@@ -43,7 +43,7 @@ import torch
 
 from bench import train_187m
 from bench.report import number, write_json
-from bench.timing import Row, progress
+from bench.timing import Row, bench_parser, progress
 
 NAME = "serve_load"
 PRESET = "complexity-deep-187m"
@@ -307,12 +307,8 @@ def check_extras() -> str | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.serve_load",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--device", choices=("cuda", "cpu"),
-                        help="the server's device (default: cuda when available, else cpu)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
+    parser = bench_parser("bench.serve_load", __doc__,
+                          "the server's device (default: cuda when available, else cpu)")
     parser.add_argument("--clients", type=int,
                         help=f"concurrent clients (default {CLIENTS}, quick {QUICK_CLIENTS})")
     parser.add_argument("--max-tokens", type=int,

@@ -10,6 +10,7 @@ higher-is-better unit, its interquartile range, and the peer's, measured in the 
 
 from __future__ import annotations
 
+import argparse
 import gc
 import statistics
 import sys
@@ -17,6 +18,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -185,3 +187,12 @@ def cuda_median_ms(fn: Callable[[], object], repeats: int = 10, warmup: int = 3)
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def bench_parser(module: str, doc: str, device_help: str) -> argparse.ArgumentParser:
+    """The flags every standalone benchmark shares: --out, --device, --quick."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--device", choices=("cuda", "cpu"), help=device_help)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
+    return parser
