@@ -15,7 +15,7 @@ $(BIN)/hybridlm: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install -q -e ".[dev,serve]"
+	$(BIN)/pip install -q -e ".[dev,serve,hf]"
 	touch $@
 
 venv: $(BIN)/hybridlm
