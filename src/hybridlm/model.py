@@ -433,19 +433,24 @@ class HybridLM(nn.Module):
         return total - round(inactive)
 
     # --- checkpoints (hybridlm.checkpoint, imported when called: it imports this module) ----
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json + model.safetensors into `directory` (created if needed)."""
+    def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB") -> None:
+        """Write config.json + model.safetensors into `directory` (created if needed); a model
+        larger than `max_shard_size` (bytes, or e.g. "5GB", "500MB") is written as shards
+        model-00001-of-0000N.safetensors + model.safetensors.index.json."""
         from hybridlm.checkpoint import save_model
 
-        save_model(self, directory)
+        save_model(self, directory, max_shard_size=max_shard_size)
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device = "cpu"
+        cls, directory: str | Path, device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
     ) -> HybridLM:
+        """The model of a directory (either weights layout), its tensors read one at a time
+        straight onto `device` in `dtype` (None: fp32, as built); see hybridlm.checkpoint."""
         from hybridlm.checkpoint import load_model
 
-        return load_model(cls, directory, device=device)
+        return load_model(cls, directory, device=device, dtype=dtype)
 
 
 def cache_positions(start: torch.Tensor | None, seq: int, device: torch.device

@@ -279,14 +279,19 @@ class MoEMLP(nn.Module):
         self.experts = GroupedExperts(num_experts, c.hidden_size, inter)
         self.shared = SharedExperts.build(c.hidden_size, c.num_shared_experts,
                                           c.shared_expert_size(inter))
-        # Integer counts: exact, and untouched by model.to(dtype).
-        self.register_buffer(
-            "load_since_balance", torch.zeros(num_experts, dtype=torch.long), persistent=False
-        )
+        # Integer counts: exact, and untouched by model.to(dtype). Not saved: a run's counts.
+        for name, value in self.derived_buffers().items():
+            self.register_buffer(name, value, persistent=False)
         # EMA of the load in units of the uniform target (1.0 = exactly N*k/E); see apply_balance.
         self.register_buffer(
             "load_ema", torch.ones(num_experts) if c.moe_balance == "ema" else None
         )
+
+    def derived_buffers(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The buffers not saved, as a new layer has them: load_since_balance (E,) long zeros.
+        A model loaded onto the meta device first (hybridlm.checkpoint) gets them from here."""
+        return {"load_since_balance": torch.zeros(self.num_experts, dtype=torch.long,
+                                                  device=device)}
 
     # ScMoE: the block hands this MLP the previous block's normalised input as `shortcut`.
     reads_shortcut = True

@@ -15,9 +15,16 @@ from torch import nn
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.head_dim, self.theta = head_dim, theta
         # Not persistent: derived from config, so checkpoints don't carry it.
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        for name, value in self.derived_buffers().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def derived_buffers(self, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The buffers computed from the config rather than saved: inv_freq (head_dim/2,) fp32.
+        A model loaded onto the meta device first (hybridlm.checkpoint) gets them from here."""
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        return {"inv_freq": 1.0 / (self.theta ** (steps / self.head_dim))}
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (T,) or (B, T) -> cos, sin each (T, head_dim) or (B, T, head_dim), fp32."""
