@@ -243,3 +243,18 @@ def test_small_presets_round_trip_through_shards(tmp_path, name):
         assert torch.equal(buffer, fresh[buffer_name]), buffer_name
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_loaded_model_does_not_read_its_file_after_loading(tmp_path):
+    """safetensors maps files: a model that kept tensors backed by the file would change when
+    the file is rewritten in place (or crash when it is truncated)."""
+    model = mixed_model(tied=False)
+    model.save_pretrained(tmp_path / "m")
+    loaded = HybridLM.from_pretrained(tmp_path / "m")  # fp32 file into fp32: no cast
+    weights = tmp_path / "m" / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as file:  # zero the tensor data in place, header kept
+        file.seek(size // 2)
+        file.write(bytes(size - size // 2))
+    for name, tensor in saved_state(model).items():
+        assert torch.equal(saved_state(loaded)[name], tensor), name

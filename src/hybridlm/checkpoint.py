@@ -227,8 +227,11 @@ def load_model(
         want = built[name].dtype
         if dtype is not None and want.is_floating_point:
             want = dtype
-        state[name] = tensor.to(want)
-        del tensor  # the file's dtype copy goes now, not at the next tensor
+        # copy=True even where the dtype is already right: on the CPU safetensors hands out
+        # tensors backed by the file's mapping, and a model must not change (or crash) when
+        # its file is later rewritten in place. The file-backed tensor goes now.
+        state[name] = tensor.to(want, copy=True)
+        del tensor
     model.load_state_dict(state, strict=False, assign=True)
     del state
     for alias, canonical in aliases.items():  # tied weights: one tensor under two names
