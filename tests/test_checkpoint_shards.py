@@ -258,3 +258,16 @@ def test_a_loaded_model_does_not_read_its_file_after_loading(tmp_path):
         file.write(bytes(size - size // 2))
     for name, tensor in saved_state(model).items():
         assert torch.equal(saved_state(loaded)[name], tensor), name
+
+
+def test_a_run_dir_gets_the_shards_of_its_last_checkpoint(tmp_path):
+    from hybridlm.train.trainer import copy_final_model
+
+    model = mixed_model(tied=True)
+    model.save_pretrained(tmp_path / "step", max_shard_size=SHARD)
+    (tmp_path / "run").mkdir()
+    copy_final_model(tmp_path / "step", tmp_path / "run", [])
+    assert files(tmp_path / "run") == files(tmp_path / "step")
+    ids = torch.randint(0, 97, (1, 5))
+    assert torch.equal(HybridLM.from_pretrained(tmp_path / "run").eval()(ids).logits,
+                       model(ids).logits)

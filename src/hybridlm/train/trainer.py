@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from hybridlm.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from hybridlm.checkpoint import check_weights, load_config
+from hybridlm.checkpoint_shards import INDEX_NAME, is_weight_file
 from hybridlm.config import ModelConfig
 from hybridlm.config_legacy import is_legacy
 from hybridlm.data import WindowSampler, load_prepared
@@ -405,8 +406,11 @@ def write_run_files(out: Path, cfg: TrainConfig, inputs: RunInputs) -> None:
 
 def copy_final_model(final: Path, out: Path, extra_files: list[Path]) -> None:
     """Make the run dir a loadable model dir: the last checkpoint's files, each copied whole
-    (a kill mid-copy leaves the earlier file), weights last."""
-    for name in (*(p.name for p in extra_files), "config.json", "model.safetensors"):
+    (a kill mid-copy leaves the earlier file), weights last: model.safetensors, or the shards
+    and then their index (a model larger than save_pretrained's max_shard_size)."""
+    weights = sorted((p.name for p in final.iterdir() if is_weight_file(p.name)),
+                     key=lambda name: (name == INDEX_NAME, name))
+    for name in (*(p.name for p in extra_files), "config.json", *weights):
         copy_file_atomic(final / name, out / name)
 
 
