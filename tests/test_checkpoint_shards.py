@@ -187,13 +187,19 @@ def test_load_weights_into_an_existing_model_reads_shards(tmp_path):
                                                  saved_state(model).values(), strict=True))
 
 
-def test_load_in_bfloat16_casts_floats_only(tmp_path):
+def test_load_in_bfloat16_casts_weights_but_not_what_layers_keep_in_fp32(tmp_path):
     model = mixed_model(tied=True)
     model.save_pretrained(tmp_path / "m", max_shard_size=SHARD)
     loaded = HybridLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    kept = {"mixer.A_log", "mixer.D", "mixer.dt_proj.weight", "mixer.dt_proj.bias",
+            "mixer.conv1d.weight", "mixer.conv1d.bias", "mlp.router.gate.weight"}
+    parameters = {name for name, _ in loaded.named_parameters(remove_duplicate=False)}
+    assert {f"layers.2.{n}" for n in kept if "mixer" in n} <= parameters
+    assert "layers.1.mlp.router.gate.weight" in parameters
     for name, tensor in saved_state(loaded).items():
         original = saved_state(model)[name]
-        want = torch.bfloat16 if original.is_floating_point() else original.dtype
+        fp32 = name not in parameters or name.split(".", 2)[-1] in kept  # buffers: as built
+        want = original.dtype if fp32 else torch.bfloat16
         assert tensor.dtype == want, name
         assert torch.equal(tensor, original.to(want)), name
     assert loaded.layers[0].mixer.rope.inv_freq.dtype == torch.float32  # computed, as built

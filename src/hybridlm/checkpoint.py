@@ -209,11 +209,13 @@ def load_model(
     dtype: torch.dtype | None = None,
 ) -> HybridLM:
     """`cls` (HybridLM or a subclass) built from `directory/config.json` with its weights, on
-    `device`; floating parameters and saved buffers in `dtype` (None: as the model builds
-    them, fp32). The model is built on the meta device (no memory), each tensor is read onto
-    `device`, cast, and put in place (assign), so host memory holds the model once in its
-    final dtype plus one tensor. Buffers that are not saved are computed as a new layer
-    computes them (`derived_buffers`), in the dtype the layer gives them."""
+    `device`; floating parameters in `dtype` (None: as the model builds them, fp32), except
+    those a layer keeps in fp32 (its `fp32_parameters`: Mamba's A_log, D, dt_proj and conv1d,
+    the routers' gates, as mixed-precision training keeps them); buffers (routing tables,
+    selection biases) as built. The model is built on the meta device (no memory), each
+    tensor is read onto `device`, cast, and put in place (assign), so host memory holds the
+    model once in its final dtype plus one tensor. Buffers that are not saved are computed
+    as a new layer computes them (`derived_buffers`), in the dtype the layer gives them."""
     dtype, device = _floating_dtype(dtype), torch.device(device)
     config = load_config(directory)
     layout = read_layout(directory)
@@ -221,12 +223,11 @@ def load_model(
         model = cls(config)
     _check_shapes(_weights_label(Path(directory)), layout, model)
     built = _tensors_to_save(model)  # meta tensors: the dtype each one is built in
+    cast = set() if dtype is None else _low_precision_parameters(model)
     aliases = _aliases(model)
     state = {}
     for name, tensor in _read_tensors(layout, device):
-        want = built[name].dtype
-        if dtype is not None and want.is_floating_point:
-            want = dtype
+        want = dtype if name in cast else built[name].dtype
         # copy=True even where the dtype is already right: on the CPU safetensors hands out
         # tensors backed by the file's mapping, and a model must not change (or crash) when
         # its file is later rewritten in place. The file-backed tensor goes now.
@@ -244,6 +245,21 @@ def load_model(
         raise CheckpointError(f"{directory}: loading left {left} unset: neither saved nor "
                               "given by their layer's derived_buffers()")
     return model
+
+
+def _low_precision_parameters(model: HybridLM) -> set[str]:
+    """Names of the parameters a low-precision load casts: all but those listed, by name or
+    by child module, in a layer's `fp32_parameters`."""
+    kept = set()
+    for prefix, module in model.named_modules():
+        for entry in getattr(module, "fp32_parameters", ()):
+            full = f"{prefix}.{entry}" if prefix else entry
+            child = getattr(module, entry)
+            if isinstance(child, torch.nn.Module):
+                kept |= {f"{full}.{name}" for name, _ in child.named_parameters()}
+            else:
+                kept.add(full)
+    return {name for name, _ in model.named_parameters()} - kept
 
 
 def _aliases(model: HybridLM) -> dict[str, str]:
