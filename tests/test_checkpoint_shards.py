@@ -74,6 +74,9 @@ def test_unsaved_buffers_are_computed_after_a_meta_device_load(tmp_path):
         assert not buffer.is_meta and buffer.dtype == fresh.get_buffer(name).dtype, name
         assert torch.equal(buffer, fresh.get_buffer(name)), name
     assert all(not t.is_meta for t in loaded.parameters())
+    marks = {n: p.__dict__ for n, p in fresh.named_parameters() if p.__dict__}
+    assert set(marks) == {"layers.2.mixer.A_log", "layers.2.mixer.D"}  # no weight decay
+    assert {n: p.__dict__ for n, p in loaded.named_parameters() if p.__dict__} == marks
 
 
 def test_index_file_format(tmp_path):

@@ -233,8 +233,13 @@ def load_model(
         # its file is later rewritten in place. The file-backed tensor goes now.
         state[name] = tensor.to(want, copy=True)
         del tensor
+    # assign puts new Parameter objects in place: the marks layers set on theirs (Mamba's
+    # A_log and D `_no_weight_decay`, read by the optimizer) are carried over by hand.
+    marks = {name: dict(p.__dict__) for name, p in model.named_parameters() if p.__dict__}
     model.load_state_dict(state, strict=False, assign=True)
     del state
+    for name, attributes in marks.items():
+        model.get_parameter(name).__dict__.update(attributes)
     for alias, canonical in aliases.items():  # tied weights: one tensor under two names
         owner, _, leaf = alias.rpartition(".")
         setattr(model.get_submodule(owner), leaf, model.get_parameter(canonical))
