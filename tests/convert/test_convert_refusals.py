@@ -1,0 +1,83 @@
+"""What `hybridlm convert` refuses, by name: HF config fields hybridlm cannot represent, and
+hybridlm layers with no HF counterpart. Nothing is dropped silently."""
+
+from __future__ import annotations
+
+import pytest
+
+from convert_helpers import hf_config
+from hybridlm.config import ModelConfig
+from hybridlm.convert.common import ConvertError
+from hybridlm.convert.registry import family_for_config, family_for_model_type
+
+
+def from_hf(model_type: str, **overrides):
+    config = hf_config(model_type, **overrides)
+    return family_for_model_type(config.model_type).config_from_hf(config)
+
+
+@pytest.mark.parametrize(("model_type", "overrides", "named"), [
+    ("llama", dict(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                    "rope_theta": 10000.0}), "rope_type='linear'"),
+    ("llama", dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 64}),
+     "rope_type='llama3'"),
+    ("llama", dict(attention_bias=True), "attention_bias=True"),
+    ("llama", dict(mlp_bias=True), "mlp_bias=True"),
+    ("llama", dict(head_dim=32), "head_dim=32"),
+    ("llama", dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    ("llama", dict(attention_dropout=0.1), "attention_dropout=0.1"),
+])
+def test_unsupported_hf_fields_are_refused_by_name(model_type, overrides, named):
+    with pytest.raises(ConvertError, match="not supported") as err:
+        from_hf(model_type, **overrides)
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_unknown_model_type_is_refused_naming_the_known_ones():
+    with pytest.raises(ConvertError, match=r"model_type='gpt2'.*'llama'"):
+        family_for_model_type("gpt2")
+
+
+def test_supported_hf_fields_map_onto_the_config():
+    config = from_hf("llama", tie_word_embeddings=False, rms_norm_eps=1e-5,
+                     rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    assert (config.mixer_pattern, config.mlp_pattern) == ("A", "D")
+    assert not config.mu_guidance and not config.attn_qk_norm and not config.pid_scaler
+    assert (config.rope_theta, config.rms_norm_eps) == (5e5, 1e-5)
+    assert not config.tie_word_embeddings and config.num_key_value_heads == 2
+
+
+DENSE = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=96, mixer_pattern="A", mlp_pattern="D",
+             mu_guidance=False, num_shared_experts=0, attn_qk_norm=False)
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (dict(mu_guidance=True), "mu guidance"),
+    (dict(pid_scaler=True), "PiD scaler"),
+    (dict(activation_clamp=5.0), "activation_clamp=5.0"),
+    (dict(mlp_pattern="T", num_experts=2), "token routing"),
+    (dict(mixer_pattern="AL"), "MLA"),
+    (dict(mixer_pattern="AM"), "layout mixer_pattern='AM'"),
+    (dict(mixer_pattern="M", mlp_pattern="D"), "layout mixer_pattern='M'"),
+    (dict(mlp_pattern="DE", num_experts=4), "layout"),
+])
+def test_layers_without_an_hf_counterpart_are_refused_with_the_reason(overrides, named):
+    config = ModelConfig(**{**DENSE, **overrides})
+    with pytest.raises(ConvertError, match="no HF counterpart") as err:
+        family_for_config(config)
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_reason_is_given_at_once():
+    config = ModelConfig(**{**DENSE, "mu_guidance": True, "pid_scaler": True})
+    with pytest.raises(ConvertError) as err:
+        family_for_config(config)
+    assert "mu guidance" in str(err.value) and "PiD scaler" in str(err.value)
+
+
+def test_plain_dense_stacks_find_their_family():
+    assert family_for_config(ModelConfig(**DENSE)).name == "Llama"
+    assert family_for_config(ModelConfig(**{**DENSE, "attn_qk_norm": True})).name == "Qwen3"
