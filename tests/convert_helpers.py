@@ -78,6 +78,10 @@ def save_hf_model(directory: Path, model_type: str, seed: int = 0, **overrides: 
     torch.manual_seed(seed)
     config = hf_config(model_type, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms start at one: vary them, so a misplaced norm shows
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
     if model_type == "mamba":  # keep dt and A in the trained range: the init's std is large
         with torch.no_grad():
             for layer in model.backbone.layers:

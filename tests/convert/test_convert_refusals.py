@@ -28,6 +28,10 @@ def from_hf(model_type: str, **overrides):
     ("llama", dict(head_dim=32), "head_dim=32"),
     ("llama", dict(hidden_act="gelu"), "hidden_act='gelu'"),
     ("llama", dict(attention_dropout=0.1), "attention_dropout=0.1"),
+    ("qwen3", dict(head_dim=32), "head_dim=32"),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=8), "use_sliding_window=True"),
+    ("qwen3", dict(layer_types=["sliding_attention", "full_attention"]), "sliding_attention"),
+    ("qwen3", dict(attention_bias=True), "attention_bias=True"),
 ])
 def test_unsupported_hf_fields_are_refused_by_name(model_type, overrides, named):
     with pytest.raises(ConvertError, match="not supported") as err:

@@ -22,6 +22,7 @@ from hybridlm.model import HybridLM
 CASES = {
     "llama-untied": ("llama", dict(tie_word_embeddings=False)),
     "llama-tied": ("llama", dict(tie_word_embeddings=True)),
+    "qwen3": ("qwen3", dict(tie_word_embeddings=False)),
 }
 
 
