@@ -7,8 +7,10 @@ import pytest
 
 from convert_helpers import hf_config
 from hybridlm.config import ModelConfig
+from hybridlm.convert import convert_to_hf
 from hybridlm.convert.common import ConvertError
 from hybridlm.convert.registry import family_for_config, family_for_model_type
+from hybridlm.model import HybridLM
 
 
 def from_hf(model_type: str, **overrides):
@@ -32,6 +34,9 @@ def from_hf(model_type: str, **overrides):
     ("qwen3", dict(use_sliding_window=True, sliding_window=8), "use_sliding_window=True"),
     ("qwen3", dict(layer_types=["sliding_attention", "full_attention"]), "sliding_attention"),
     ("qwen3", dict(attention_bias=True), "attention_bias=True"),
+    ("mixtral", dict(sliding_window=16), "sliding_window=16"),
+    ("mixtral", dict(router_jitter_noise=0.01), "router_jitter_noise=0.01"),
+    ("mixtral", dict(head_dim=8), "head_dim=8"),
 ])
 def test_unsupported_hf_fields_are_refused_by_name(model_type, overrides, named):
     with pytest.raises(ConvertError, match="not supported") as err:
@@ -67,6 +72,14 @@ DENSE = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_
     (dict(mixer_pattern="AM"), "layout mixer_pattern='AM'"),
     (dict(mixer_pattern="M", mlp_pattern="D"), "layout mixer_pattern='M'"),
     (dict(mlp_pattern="DE", num_experts=4), "layout"),
+    (dict(mlp_pattern="E", num_experts=4, num_shared_experts=1), "shared experts"),
+    (dict(mlp_pattern="E", num_experts=4, moe_router="expert_choice"), "moe_router="),
+    (dict(mlp_pattern="E", num_experts=4, moe_score="sigmoid"), "moe_score='sigmoid'"),
+    (dict(mlp_pattern="E", num_experts=4, moe_renormalize=False), "moe_renormalize=False"),
+    (dict(mlp_pattern="E", num_experts=4, moe_capacity_factor=1.25), "moe_capacity_factor"),
+    (dict(mlp_pattern="E", num_experts=4, attn_qk_norm=True), "QK-norm"),
+    (dict(mlp_pattern="E", num_experts=4, moe_shortcut=True), "ScMoE"),
+    (dict(mlp_pattern="E", num_experts_per_layer=[4, 2], moe_top_k=2), "num_experts_per_layer"),
 ])
 def test_layers_without_an_hf_counterpart_are_refused_with_the_reason(overrides, named):
     config = ModelConfig(**{**DENSE, **overrides})
@@ -80,6 +93,30 @@ def test_every_reason_is_given_at_once():
     with pytest.raises(ConvertError) as err:
         family_for_config(config)
     assert "mu guidance" in str(err.value) and "PiD scaler" in str(err.value)
+
+
+def test_mixtral_maps_onto_the_softmax_top_k_renormalised_router():
+    """Mixtral: softmax over all experts, keep the top k, rescale them to sum 1; no bias, no
+    capacity. hybridlm's topk router computes exactly that with these settings."""
+    config = from_hf("mixtral", num_local_experts=4, num_experts_per_tok=2,
+                     router_aux_loss_coef=0.02)
+    assert (config.mlp_pattern, config.moe_router, config.moe_top_k) == ("E", "topk", 2)
+    assert (config.moe_score, config.moe_renormalize) == ("softmax", True)
+    assert config.moe_capacity_factor is None and config.num_shared_experts == 0
+    assert (config.num_experts, config.moe_expert_size) == (4, 96)
+    assert (config.moe_balance, config.moe_aux_loss_coef) == ("aux_loss", 0.02)
+    assert family_for_config(config).name == "Mixtral"
+
+
+def test_a_moved_selection_bias_is_refused(tmp_path):
+    """aux-free balancing moves expert_bias, which picks experts; Mixtral has none."""
+    config = from_hf("mixtral")
+    model = HybridLM(config)
+    model.layers[1].mlp.router.expert_bias[2] = 0.5
+    model.save_pretrained(tmp_path / "ours")
+    with pytest.raises(ConvertError, match=r"layers\.1\.mlp\.router\.expert_bias is not zero"):
+        convert_to_hf(tmp_path / "ours", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_plain_dense_stacks_find_their_family():

@@ -23,6 +23,7 @@ CASES = {
     "llama-untied": ("llama", dict(tie_word_embeddings=False)),
     "llama-tied": ("llama", dict(tie_word_embeddings=True)),
     "qwen3": ("qwen3", dict(tie_word_embeddings=False)),
+    "mixtral": ("mixtral", dict(tie_word_embeddings=False)),
 }
 
 
