@@ -37,6 +37,10 @@ def from_hf(model_type: str, **overrides):
     ("mixtral", dict(sliding_window=16), "sliding_window=16"),
     ("mixtral", dict(router_jitter_noise=0.01), "router_jitter_noise=0.01"),
     ("mixtral", dict(head_dim=8), "head_dim=8"),
+    ("mamba", dict(use_bias=True), "use_bias=True"),
+    ("mamba", dict(use_conv_bias=False), "use_conv_bias=False"),
+    ("mamba", dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    ("mamba", dict(intermediate_size=100), "intermediate_size=100"),
 ])
 def test_unsupported_hf_fields_are_refused_by_name(model_type, overrides, named):
     with pytest.raises(ConvertError, match="not supported") as err:
@@ -117,6 +121,13 @@ def test_a_moved_selection_bias_is_refused(tmp_path):
     with pytest.raises(ConvertError, match=r"layers\.1\.mlp\.router\.expert_bias is not zero"):
         convert_to_hf(tmp_path / "ours", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_mamba_maps_onto_mixer_only_blocks():
+    config = from_hf("mamba", state_size=8, conv_kernel=3, expand=2, time_step_rank=5)
+    assert (config.mixer_pattern, config.mlp_pattern) == ("M", "N")
+    assert (config.mamba_d_state, config.mamba_d_conv, config.mamba_dt_rank) == (8, 3, 5)
+    assert family_for_config(config).name == "Mamba"
 
 
 def test_plain_dense_stacks_find_their_family():

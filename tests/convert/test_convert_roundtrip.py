@@ -24,6 +24,8 @@ CASES = {
     "llama-tied": ("llama", dict(tie_word_embeddings=True)),
     "qwen3": ("qwen3", dict(tie_word_embeddings=False)),
     "mixtral": ("mixtral", dict(tie_word_embeddings=False)),
+    "mamba": ("mamba", dict(tie_word_embeddings=True)),
+    "mamba-untied": ("mamba", dict(tie_word_embeddings=False)),
 }
 
 
