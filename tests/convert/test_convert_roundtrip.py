@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from convert_helpers import (
     assert_same_greedy,
@@ -79,3 +80,16 @@ def test_the_round_trip_gives_back_the_same_tensors_and_config(converted):
     back, original = converted["back"].config, converted["hf"].config
     assert back.tie_word_embeddings == original.tie_word_embeddings
     assert back.model_type == original.model_type
+
+
+def test_a_bfloat16_checkpoint_stays_bfloat16_both_ways(tmp_path):
+    hf_model = save_hf_model(tmp_path / "hf", "llama").to(torch.bfloat16)
+    hf_model.save_pretrained(tmp_path / "hf")
+    convert_from_hf(tmp_path / "hf", tmp_path / "ours")
+    with safe_open(str(tmp_path / "ours" / "model.safetensors"), framework="pt") as file:
+        assert {file.get_tensor(name).dtype for name in file.keys()} == {torch.bfloat16}
+    convert_to_hf(tmp_path / "ours", tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype="auto")
+    assert back.config.dtype == torch.bfloat16
+    original, returned = hf_state(hf_model), hf_state(back)
+    assert all(torch.equal(returned[name], t) for name, t in original.items())

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from hybridlm.checkpoint import load_config, save_model
+from hybridlm.checkpoint import WEIGHTS_NAME, load_config, save_model
 from hybridlm.convert.common import ConvertError, require_transformers
 from hybridlm.convert.registry import family_for_config, family_for_model_type
 from hybridlm.convert.tokenizer import tokenizer_from_hf, tokenizer_to_hf
@@ -26,6 +27,13 @@ def _source_dir(path: str | Path, flag: str) -> Path:
         raise ConvertError(f"{flag} {path}: no config.json there (a local model directory is "
                            "needed; nothing is downloaded)")
     return path
+
+
+def _stored_dtype(directory: Path) -> torch.dtype:
+    """The dtype a hybridlm model directory stores its weights in (read off the embedding:
+    from_pretrained builds the model in fp32 whatever the file holds)."""
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as file:
+        return file.get_tensor("embed_tokens.weight").dtype
 
 
 def convert_from_hf(src: str | Path, out: str | Path, *, overwrite: bool = False) -> str:
@@ -59,11 +67,12 @@ def convert_to_hf(src: str | Path, out: str | Path, *, overwrite: bool = False) 
     out = claim_output(out, MODEL, overwrite=overwrite, inputs={"--to-hf": src})
     config = load_config(src)
     family = family_for_config(config)  # refuses layers with no HF counterpart
-    model = HybridLM.from_pretrained(src)
-    dtype = model.embed_tokens.weight.dtype
+    model = HybridLM.from_pretrained(src)  # fp32 whatever was stored
+    dtype = _stored_dtype(src)
     with staged_dir(out, replace=True) as staging:
         token_ids = tokenizer_to_hf(src, staging, config.max_position_embeddings)
         hf_config = family.config_to_hf(config, token_ids)
+        hf_config.dtype = dtype
         state = family.weights_to_hf(model.state_dict(), config)
         del model
         with torch.device("meta"):  # no weights are allocated until the state is assigned
