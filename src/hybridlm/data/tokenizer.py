@@ -130,7 +130,8 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> Path:
         """Write the tokenizer as JSON to ``path``: a ``*.json`` file, or else a directory
-        (created if needed) that receives ``tokenizer.json``. The file is written whole
+        (created if needed) that receives ``tokenizer.json`` (and, for an eos token other
+        than ``<|endoftext|>``, ``tokenizer_config.json`` naming it). The file is written whole
         beside its place and then moved there, so an interrupted save leaves the old one.
 
         Returns the path of the written file.
@@ -139,6 +140,10 @@ class Tokenizer:
         file = path if path.suffix == ".json" else path / TOKENIZER_FILENAME
         with staged_file(file) as staging:
             self._tok.save(str(staging))
+        if self._eos_token != EOS_TOKEN:  # a converted tokenizer: name its eos beside it
+            config_file = file.with_name(TOKENIZER_CONFIG_FILENAME)
+            with staged_file(config_file) as staging:
+                staging.write_text(json.dumps({"eos_token": self._eos_token}) + "\n")
         return file
 
     # ------------------------------------------------------------------ properties
@@ -192,6 +197,14 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+
+def tokenizer_files(tokenizer_file: str | Path) -> list[Path]:
+    """What a copy of a tokenizer must take: its tokenizer.json and, where one lies beside it,
+    the tokenizer_config.json that names its eos token (a converted tokenizer)."""
+    tokenizer_file = Path(tokenizer_file)
+    config_file = tokenizer_file.with_name(TOKENIZER_CONFIG_FILENAME)
+    return [tokenizer_file, *([config_file] if config_file.is_file() else [])]
 
 
 def _configured_eos(config_file: Path) -> str | None:
