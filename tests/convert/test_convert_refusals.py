@@ -133,3 +133,12 @@ def test_mamba_maps_onto_mixer_only_blocks():
 def test_plain_dense_stacks_find_their_family():
     assert family_for_config(ModelConfig(**DENSE)).name == "Llama"
     assert family_for_config(ModelConfig(**{**DENSE, "attn_qk_norm": True})).name == "Qwen3"
+
+
+def test_weights_that_do_not_match_the_config_are_refused_by_name(tmp_path):
+    HybridLM(ModelConfig(**DENSE)).save_pretrained(tmp_path / "ours")
+    config_file = tmp_path / "ours" / "config.json"
+    config_file.write_text(ModelConfig(**{**DENSE, "intermediate_size": 128}).to_json())
+    with pytest.raises(ConvertError, match=r"wrong shapes \['layers\.0\.mlp\.ffn\.down_proj"):
+        convert_to_hf(tmp_path / "ours", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
