@@ -13,6 +13,7 @@ from cli_errors import assert_one_line_error, snapshot
 from convert_helpers import save_hf_model
 from hybridlm.cli import main
 from hybridlm.config import ModelConfig
+from hybridlm.convert import convert_from_hf, convert_to_hf
 from hybridlm.convert.common import ConvertError, require_transformers
 from hybridlm.model import HybridLM
 
@@ -83,3 +84,18 @@ def test_importing_hybridlm_and_its_cli_does_not_import_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_an_hf_chat_template_is_carried_both_ways_and_the_summary_says_so(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    save_hf_model(tmp_path / "hf", "llama")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf_tok.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    hf_tok.save_pretrained(tmp_path / "hf")
+    summary = convert_from_hf(tmp_path / "hf", tmp_path / "ours")
+    assert "generate --chat uses chat_template.json" in summary
+    convert_to_hf(tmp_path / "ours", tmp_path / "back")
+    messages = [{"role": "user", "content": "the lazy fox"}]
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert back.apply_chat_template(messages, tokenize=False) == hf_tok.apply_chat_template(
+        messages, tokenize=False)

@@ -3,7 +3,10 @@ conversion copies it and names the special tokens in tokenizer_config.json (the 
 sides read: hybridlm takes eos_token from it, HF its tokenizer class and special tokens).
 
 An HF directory with only a slow tokenizer (e.g. tokenizer.model) is converted to
-tokenizer.json by transformers' AutoTokenizer first.
+tokenizer.json by transformers' AutoTokenizer first. An HF chat template (Jinja, in
+chat_template.jinja or tokenizer_config.json) is carried along for HF's use both ways, but it
+is not hybridlm's chat_template.json: `hybridlm generate --chat` does not read it, and the
+summary says so.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from hybridlm.data.tokenizer import (
 )
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+JINJA_TEMPLATE = "chat_template.jinja"  # where HF transformers writes a chat template
 
 
 def _token_text(value: Any) -> str | None:
@@ -62,7 +66,13 @@ def tokenizer_from_hf(src: Path, out: Path) -> str | None:
     kept = {**{k: v for k, v in config.items() if k not in SPECIAL_TOKENS}, **specials}
     (out / TOKENIZER_CONFIG_FILENAME).write_text(json.dumps(kept, indent=2) + "\n")
     Tokenizer.from_file(out)  # hybridlm reads it: its eos token is in the vocabulary
-    return f"tokenizer.json with eos_token={specials.get('eos_token', EOS_TOKEN)!r}"
+    summary = f"tokenizer.json with eos_token={specials.get('eos_token', EOS_TOKEN)!r}"
+    if (src / JINJA_TEMPLATE).is_file():
+        shutil.copyfile(src / JINJA_TEMPLATE, out / JINJA_TEMPLATE)
+    if (src / JINJA_TEMPLATE).is_file() or "chat_template" in kept:
+        summary += ("; the HF chat template is kept for transformers, but hybridlm generate "
+                    "--chat uses chat_template.json (hybridlm's default without one)")
+    return summary
 
 
 def tokenizer_to_hf(src: Path, out: Path, max_length: int | None) -> dict[str, int]:
@@ -79,6 +89,8 @@ def tokenizer_to_hf(src: Path, out: Path, max_length: int | None) -> dict[str, i
         config.setdefault("model_max_length", max_length)
     shutil.copyfile(src / TOKENIZER_FILENAME, out / TOKENIZER_FILENAME)
     (out / TOKENIZER_CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n")
+    if (src / JINJA_TEMPLATE).is_file():
+        shutil.copyfile(src / JINJA_TEMPLATE, out / JINJA_TEMPLATE)
     ids = {"eos_token_id": tokenizer.eos_token_id}
     for name in ("bos_token", "pad_token"):
         token = _token_text(config.get(name))
