@@ -230,7 +230,8 @@ class ModelConfig:
         where = f"of mlp_pattern={self.mlp_pattern!r}"
         for letter, count, source in self._expert_counts():
             if letter in EXPERTLESS_MLPS and count != 0:
-                raise ConfigError(f"{source}={count} but the layer has no experts (mlp letter "
+                kind = "dense" if letter == "D" else "without an MLP"
+                raise ConfigError(f"{source}={count} but the layer is {kind} (mlp letter "
                                   f"{letter} {where}): use 0")
             if letter not in EXPERTLESS_MLPS and count < 1:
                 raise ConfigError(f"{source}={count!r} must be >= 1 on an expert layer (mlp "
