@@ -28,11 +28,11 @@ LEVELS = {
     "model": 3,
     "checkpoint": 4, "parallel": 4, "infer": 4, "eval": 4,
     "train": 5, "serve": 5,  # the server: the engine over HTTP
-    "demo": 6,
+    "demo": 6, "convert": 6,  # HF checkpoints <-> model directories (transformers, lazily)
     "cli": 7,
 }
 ABOVE_THE_MODEL = ("train", "infer", "serve", "parallel", "cli", "eval", "demo", "checkpoint",
-                   "data", "chat")
+                   "data", "chat", "convert")
 # no torch.distributed here:
 MODEL_CORE = ("config", "config_check", "config_legacy", "registry", "layers", "ops", "model")
 

@@ -234,15 +234,15 @@ def test_the_markers_are_the_names_the_writers_use():
         META_FILENAME,
         TMP_TOKENS_FILENAME,
     )
-    from hybridlm.data.tokenizer import TOKENIZER_FILENAME
+    from hybridlm.data.tokenizer import TOKENIZER_CONFIG_FILENAME, TOKENIZER_FILENAME
     from hybridlm.train.checkpoint import checkpoint_dir
     from hybridlm.train.metrics import METRICS_FILE, TENSORBOARD_DIR
     from hybridlm.train.trainer import CONFIG_FILE
 
     assert {CONFIG_FILE, METRICS_FILE, CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_FILENAME,
-            CHAT_TEMPLATE_FILE} == outputs._RUN_FILES
+            TOKENIZER_CONFIG_FILENAME, CHAT_TEMPLATE_FILE} == outputs._RUN_FILES
     assert {checkpoint_dir("r").name, TENSORBOARD_DIR, "plots"} == outputs._RUN_DIRS
-    assert {META_FILENAME, COUNTS_FILENAME, TOKENIZER_FILENAME,
+    assert {META_FILENAME, COUNTS_FILENAME, TOKENIZER_FILENAME, TOKENIZER_CONFIG_FILENAME,
             TMP_TOKENS_FILENAME} == outputs._PREPARED_FILES
     assert all(outputs._SPLIT_FILE.match(n) for n in (INDEX_FILENAME, DOC_OFFSETS_FILENAME,
                                                       "shard_00012.bin"))

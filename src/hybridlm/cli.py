@@ -8,6 +8,7 @@
     hybridlm sft             --model runs/x --data chats.jsonl --out runs/x-sft --steps 200
     hybridlm generate        --model runs/x --prompt "Once upon a time"
     hybridlm serve           --model runs/x --port 8000
+    hybridlm convert         --from-hf HF_DIR --out runs/x   (or --to-hf runs/x --out HF_DIR)
     hybridlm presets
     hybridlm demo            --out runs/demo
 """
@@ -169,6 +170,15 @@ def cmd_presets(args: argparse.Namespace) -> None:
               f"{config.mixer_pattern:>10} {total:>15,} {active:>15,}")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from hybridlm.convert import convert_from_hf, convert_to_hf
+
+    if args.from_hf is not None:
+        print(convert_from_hf(args.from_hf, args.out, overwrite=args.overwrite))
+    else:
+        print(convert_to_hf(args.to_hf, args.out, overwrite=args.overwrite))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from hybridlm.demo import run_demo
 
@@ -252,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a request that finds no free cache row within this long gets a 503 "
                         "(default 60)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("convert", help="convert an HF transformers checkpoint (Llama, Qwen3, "
+                       "Mixtral, Mamba) to a hybridlm model directory, or back")
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", metavar="DIR", help="HF checkpoint directory to read")
+    direction.add_argument("--to-hf", metavar="DIR", help="hybridlm model directory to read")
+    p.add_argument("--out", required=True, help="directory to write (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model directory already at --out (written whole, then "
+                        "swapped in)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("presets", help="list presets with total and active parameter counts")
     p.set_defaults(func=cmd_presets)

@@ -36,6 +36,7 @@ TR_ROUTINGS = ("modulo", "zipf")
 MOE_SCORES = ("softmax", "sigmoid")
 MOE_BALANCES = ("none", "aux_loss", "aux_free", "ema")
 MU_UPDATES = ("clamp", "ema")
+EXPERTLESS_MLPS = ("D", "N")  # MLP letters whose layers have no routed experts (count 0)
 
 
 @dataclass
@@ -56,7 +57,8 @@ class ModelConfig:
     # --- layer layout: pattern strings tiled over the depth ------------------------------------
     mixer_pattern: str = "A"  # A = GQA attention, L = MLA, M = Mamba, or a letter registered in
     #                           hybridlm.registry; "AMMMMMMM" = Jamba 1:7
-    mlp_pattern: str = "T"  # D dense SwiGLU, T token-routed experts, E learned MoE, or a letter
+    mlp_pattern: str = "T"  # D dense SwiGLU, T token-routed experts, E learned MoE, N none (the
+    #                         block is its mixer alone, as in Mamba's own stacks), or a letter
     #                         registered in hybridlm.registry; "DE" = experts every other layer
     num_experts_per_layer: list[int] | None = None  # routed experts of each layer (0 on D
     #                                                 layers); None: num_experts on T and E
@@ -150,7 +152,7 @@ class ModelConfig:
 
     def experts_in_layer(self, layer: int) -> int:
         """Routed experts of one layer (0 for a dense layer)."""
-        if self.layer_mlps[layer] == "D":
+        if self.layer_mlps[layer] in EXPERTLESS_MLPS:
             return 0
         if self.num_experts_per_layer is not None:
             return self.num_experts_per_layer[layer]
@@ -212,7 +214,8 @@ class ModelConfig:
         of a depth the config merely names, so validating takes no time in proportion."""
         pattern = self.mlp_pattern
         if self.num_experts_per_layer is None:
-            return [(letter, 0 if letter == "D" else self.num_experts, "num_experts")
+            return [(letter, 0 if letter in EXPERTLESS_MLPS else self.num_experts,
+                     "num_experts")
                     for letter in dict.fromkeys(pattern)]
         return [(pattern[layer % len(pattern)], count, f"num_experts_per_layer[{layer}]")
                 for layer, count in enumerate(self.num_experts_per_layer)]
@@ -226,10 +229,11 @@ class ModelConfig:
             )
         where = f"of mlp_pattern={self.mlp_pattern!r}"
         for letter, count, source in self._expert_counts():
-            if letter == "D" and count != 0:
-                raise ConfigError(f"{source}={count} but the layer is dense (mlp letter D "
-                                  f"{where}): use 0")
-            if letter != "D" and count < 1:
+            if letter in EXPERTLESS_MLPS and count != 0:
+                kind = "dense" if letter == "D" else "without an MLP"
+                raise ConfigError(f"{source}={count} but the layer is {kind} (mlp letter "
+                                  f"{letter} {where}): use 0")
+            if letter not in EXPERTLESS_MLPS and count < 1:
                 raise ConfigError(f"{source}={count!r} must be >= 1 on an expert layer (mlp "
                                   f"letter {letter} {where})")
             if letter == "T" and self.intermediate_size % count:

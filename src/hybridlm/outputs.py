@@ -49,9 +49,15 @@ OTHER = "other files"
 FILE = "a file"
 
 _RUN_FILES = {"train_config.json", "metrics.jsonl", "config.json", "model.safetensors",
-              "tokenizer.json", "chat_template.json"}
+              "tokenizer.json", "tokenizer_config.json", "chat_template.json"}
 _RUN_DIRS = {"checkpoints", "tensorboard", "plots"}
-_PREPARED_FILES = {"meta.json", "token_counts.npy", "tokenizer.json", ".tokens.tmp"}
+# A model directory, hybridlm's or HF transformers' (hybridlm convert writes both).
+_MODEL_FILES = {"config.json", "model.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "chat_template.json", "chat_template.jinja", "generation_config.json"}
+_MODEL_SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
+_PREPARED_FILES = {"meta.json", "token_counts.npy", "tokenizer.json", "tokenizer_config.json",
+                   ".tokens.tmp"}
 _SPLIT_FILE = re.compile(r"^(shard_\d+\.bin|index\.json(\.tmp)?|doc_offsets\.npy)$")
 _TEMP = re.compile(r"^\.(?:(?P<name>.+)\.)?(?P<tag>partial|old)-(?P<pid>\d+)-\w+$")
 
@@ -123,7 +129,7 @@ def foreign_entries(path: str | Path, kind: str) -> list[str]:
     would delete them, so a replace is refused while they are there."""
     listed = entries(path)
     if kind == TOKENIZER:
-        mine = {"tokenizer.json", "chat_template.json"}
+        mine = {"tokenizer.json", "tokenizer_config.json", "chat_template.json"}
         return sorted(name for name in listed if name not in mine)
     if kind == PREPARED:
         return sorted(name for name, p in listed.items()
@@ -134,6 +140,9 @@ def foreign_entries(path: str | Path, kind: str) -> list[str]:
                       if not (name.endswith(".png") and p.is_file()))
     if kind == RUN:
         return sorted(name for name in listed if name not in _RUN_FILES | _RUN_DIRS)
+    if kind == MODEL:
+        return sorted(name for name in listed
+                      if name not in _MODEL_FILES and not _MODEL_SHARD.match(name))
     return sorted(listed)
 
 

@@ -108,3 +108,22 @@ def test_errors(tmp_path: Path) -> None:
         Tokenizer.train(["some text"], vocab_size=300, min_frequency=0)
     with pytest.raises(ValueError, match="<\\|endoftext\\|>"):
         Tokenizer(HFTokenizer(models.BPE()))
+
+
+def test_a_converted_tokenizer_names_its_eos_token_in_tokenizer_config(tmp_path):
+    """A tokenizer of another family (hybridlm convert --from-hf) keeps its ids; its eos token
+    comes from tokenizer_config.json, and without that file <|endoftext|> must be id 0."""
+    backend = HFTokenizer(models.BPE(vocab={"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3},
+                                     merges=[]))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="<\\|endoftext\\|>"):
+        Tokenizer.from_file(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": {"content": "</s>"}}')
+    tokenizer = Tokenizer.from_file(tmp_path)
+    assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("</s>", 2)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<eos>"}')
+    with pytest.raises(ValueError, match="eos_token '<eos>' is not in the tokenizer's vocab"):
+        Tokenizer.from_file(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": ')
+    with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
+        Tokenizer.from_file(tmp_path)

@@ -166,7 +166,7 @@ def test_registering_a_taken_or_bad_letter_is_refused():
         register_router("topk", HashRouter, "again")
     with pytest.raises(ValueError, match="a name without spaces"):
         register_router("my router", HashRouter, "a space")
-    assert list(mlp_letters()) == ["D", "T", "E"]
+    assert list(mlp_letters()) == ["D", "T", "E", "N"]
     assert list(router_names()) == ["topk", "expert_choice"]
 
 
@@ -278,3 +278,19 @@ def test_an_unregistered_router_name_is_refused_with_the_known_ones():
     with pytest.raises(ConfigError, match=r"moe_router='sign' is not one of \['topk', "
                                           r"'expert_choice'\]"):
         config(mlp_pattern="E", moe_router="sign")
+
+
+def test_a_block_without_mlp_is_its_mixer_alone():
+    """MLP letter N (Mamba's own stacks): h + mixer(norm(h)), no MLP norm, no experts."""
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2,
+                                 mixer_pattern="M", mlp_pattern="N", mu_guidance=False)).eval()
+    assert not any("mlp" in name for name, _ in model.named_parameters())
+    assert model.config.experts_in_layer(0) == 0
+    block, h = model.layers[0], torch.randn(2, 5, 32)
+    out, _, stats = block(h, token_ids=torch.zeros(2, 5, dtype=torch.long),
+                          positions=torch.arange(5), cache=None, mu_prev=None)
+    expected = h + block.mixer(block.mixer_norm(h), positions=torch.arange(5))
+    torch.testing.assert_close(out, expected)
+    assert stats == {}

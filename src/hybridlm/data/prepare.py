@@ -31,6 +31,7 @@ from hybridlm.outputs import (
     check_not_an_input,
     check_output_path,
     claim_output,
+    copy_file_atomic,
     staged_dir,
 )
 
@@ -62,7 +63,7 @@ from .shards import (
     token_dtype,
     write_meta,
 )
-from .tokenizer import EOS_TOKEN_ID, TOKENIZER_FILENAME, Tokenizer
+from .tokenizer import TOKENIZER_FILENAME, Tokenizer, tokenizer_files
 
 __all__ = [
     "COUNTS_FILENAME",
@@ -256,7 +257,7 @@ def _encode(tokenizer: Tokenizer, dtype: np.dtype,
     pos = 0
     for e in encoded:
         tokens[pos:pos + len(e)] = e
-        tokens[pos + len(e)] = EOS_TOKEN_ID
+        tokens[pos + len(e)] = tokenizer.eos_token_id
         pos += len(e) + 1
     keys = np.array([doc_key(i) for i in ids], dtype=np.uint64).reshape(-1, 2)
     return tokens, lengths, keys[:, 0].copy(), keys[:, 1].copy()
@@ -376,7 +377,9 @@ def prepare_corpus(
     if not paths:
         raise ValueError("no input paths given")
     tok_file = _tokenizer_file(tokenizer)
-    tok_json = tok_file.read_bytes()
+    # tokenizer.json (+ the tokenizer_config.json naming the eos token of a converted one):
+    # what the data is tokenised with, copied into it and part of its fingerprint.
+    tok_json = b"".join(path.read_bytes() for path in tokenizer_files(tok_file))
     fingerprint = corpus_fingerprint(paths, tok_json, val_fraction, test_fraction, shard_tokens)
     out = check_output_path(out_dir, flag="")
     check_not_an_input(out, {"--input": paths}, flag="")
@@ -386,10 +389,12 @@ def prepare_corpus(
         return existing
     claim_output(out, PREPARED, overwrite=overwrite, flag="")
 
-    vocab_size = Tokenizer.from_file(tok_file).vocab_size
+    loaded = Tokenizer.from_file(tok_file)
     files = list_input_files(paths)
     with staged_dir(out, replace=True, last=[META_FILENAME]) as staging:
-        meta = _write_corpus(paths, files, tok_json, staging, vocab_size, workers=workers,
+        for path in tokenizer_files(tok_file):
+            copy_file_atomic(path, staging / path.name)
+        meta = _write_corpus(paths, files, staging, loaded, workers=workers,
                              shard_tokens=shard_tokens, val_fraction=val_fraction,
                              test_fraction=test_fraction, progress=progress)
         meta["fingerprint"] = fingerprint
@@ -426,13 +431,13 @@ def _quiet(progress: bool) -> bool | None:
     return None if progress else True
 
 
-def _write_corpus(paths: list[Path], files: list[Path], tok_json: bytes, out: Path,
-                  vocab_size: int, *, workers: int, shard_tokens: int, val_fraction: float,
+def _write_corpus(paths: list[Path], files: list[Path], out: Path,
+                  tokenizer: Tokenizer, *, workers: int, shard_tokens: int, val_fraction: float,
                   test_fraction: float, progress: bool) -> dict[str, Any]:
-    """Tokenize the corpus into the empty directory ``out``; returns the metadata, which the
-    caller writes (``meta.json`` marks the directory complete)."""
+    """Tokenize the corpus into ``out``, which holds only the tokenizer's files; returns the
+    metadata, which the caller writes (``meta.json`` marks the directory complete)."""
+    vocab_size = tokenizer.vocab_size
     dtype = token_dtype(vocab_size)
-    (out / TOKENIZER_FILENAME).write_bytes(tok_json)
     tmp = out / TMP_TOKENS_FILENAME
     try:
         total, key_hi, key_lo, lengths = _tokenize_into(tmp, paths, files, out, dtype, workers,
@@ -455,7 +460,7 @@ def _write_corpus(paths: list[Path], files: list[Path], tok_json: bytes, out: Pa
         "format_version": FORMAT_VERSION,
         "vocab_size": vocab_size,
         "dtype": dtype.name,
-        "eos_token_id": EOS_TOKEN_ID,
+        "eos_token_id": tokenizer.eos_token_id,
         **split_meta(indexes),
         "shard_tokens": int(shard_tokens),
         "val_fraction": float(val_fraction),

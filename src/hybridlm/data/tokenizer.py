@@ -4,10 +4,16 @@ Every byte sequence is representable (the 256 byte symbols are always in the voc
 ``decode(encode(s)) == s`` holds exactly for any unicode string: leading or repeated spaces,
 newlines, tabs, emoji and other scripts included. Id 0 is the end-of-text token
 ``<|endoftext|>``, appended after each document when a dataset is prepared.
+
+A tokenizer converted from another model family (``hybridlm convert --from-hf``) keeps that
+family's ids and names its own end-of-text token in ``tokenizer_config.json`` beside
+``tokenizer.json`` (the ``eos_token`` field, as HF transformers writes it); ``from_file``
+reads it, and ``eos_token_id`` is then that token's id.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -23,6 +29,7 @@ MIN_VOCAB_SIZE = 258  # 256 byte symbols + <|endoftext|> + at least one merge
 # mistyped 10**11 aborts the process (out of memory) instead of raising.
 MAX_VOCAB_SIZE = 2**20
 TOKENIZER_FILENAME = "tokenizer.json"
+TOKENIZER_CONFIG_FILENAME = "tokenizer_config.json"  # optional: names another eos token
 
 
 def check_vocab_size(vocab_size: int) -> None:
@@ -43,16 +50,23 @@ class Tokenizer:
     """Byte-level BPE tokenizer with ``<|endoftext|>`` as id 0.
 
     Build one with :meth:`train` or :meth:`from_file`; the constructor wraps an existing
-    ``tokenizers.Tokenizer`` and checks that it has the end-of-text token at id 0.
+    ``tokenizers.Tokenizer`` and checks that it has the end-of-text token at id 0, or, when
+    ``eos_token`` names another one (a converted tokenizer), that the vocabulary holds it.
     """
 
-    def __init__(self, backend: _HFTokenizer) -> None:
-        eos_id = backend.token_to_id(EOS_TOKEN)
-        if eos_id != EOS_TOKEN_ID:
-            raise ValueError(
-                f"tokenizer must map {EOS_TOKEN!r} to id {EOS_TOKEN_ID}, found id {eos_id}"
-            )
+    def __init__(self, backend: _HFTokenizer, eos_token: str | None = None) -> None:
+        if eos_token is None or eos_token == EOS_TOKEN:
+            eos_id = backend.token_to_id(EOS_TOKEN)
+            if eos_id != EOS_TOKEN_ID:
+                raise ValueError(
+                    f"tokenizer must map {EOS_TOKEN!r} to id {EOS_TOKEN_ID}, found id {eos_id}"
+                )
+            eos_token = EOS_TOKEN
+        elif backend.token_to_id(eos_token) is None:
+            raise ValueError(f"eos_token {eos_token!r} is not in the tokenizer's vocabulary")
         self._tok = backend
+        self._eos_token = eos_token
+        self._eos_id = backend.token_to_id(eos_token)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -109,13 +123,15 @@ class Tokenizer:
                 raise  # raises for text it cannot parse
             raise ValueError(f"{damaged} ({err})") from None
         try:
-            return cls(backend)
+            eos_token = _configured_eos(file.with_name(TOKENIZER_CONFIG_FILENAME))
+            return cls(backend, eos_token=eos_token)
         except ValueError as err:
             raise ValueError(f"{file}: {err}") from None
 
     def save(self, path: str | Path) -> Path:
         """Write the tokenizer as JSON to ``path``: a ``*.json`` file, or else a directory
-        (created if needed) that receives ``tokenizer.json``. The file is written whole
+        (created if needed) that receives ``tokenizer.json`` (and, for an eos token other
+        than ``<|endoftext|>``, ``tokenizer_config.json`` naming it). The file is written whole
         beside its place and then moved there, so an interrupted save leaves the old one.
 
         Returns the path of the written file.
@@ -124,6 +140,10 @@ class Tokenizer:
         file = path if path.suffix == ".json" else path / TOKENIZER_FILENAME
         with staged_file(file) as staging:
             self._tok.save(str(staging))
+        if self._eos_token != EOS_TOKEN:  # a converted tokenizer: name its eos beside it
+            config_file = file.with_name(TOKENIZER_CONFIG_FILENAME)
+            with staged_file(config_file) as staging:
+                staging.write_text(json.dumps({"eos_token": self._eos_token}) + "\n")
         return file
 
     # ------------------------------------------------------------------ properties
@@ -134,12 +154,12 @@ class Tokenizer:
 
     @property
     def eos_token_id(self) -> int:
-        """Id of ``<|endoftext|>`` (always 0)."""
-        return EOS_TOKEN_ID
+        """Id of the end-of-text token (0 for ``<|endoftext|>``, hybridlm's own)."""
+        return self._eos_id
 
     @property
     def eos_token(self) -> str:
-        return EOS_TOKEN
+        return self._eos_token
 
     @property
     def backend(self) -> _HFTokenizer:
@@ -150,7 +170,7 @@ class Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, eos_token_id={EOS_TOKEN_ID})"
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos_token_id={self.eos_token_id})"
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str) -> list[int]:
@@ -177,3 +197,28 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+
+def tokenizer_files(tokenizer_file: str | Path) -> list[Path]:
+    """What a copy of a tokenizer must take: its tokenizer.json and, where one lies beside it,
+    the tokenizer_config.json that names its eos token (a converted tokenizer)."""
+    tokenizer_file = Path(tokenizer_file)
+    config_file = tokenizer_file.with_name(TOKENIZER_CONFIG_FILENAME)
+    return [tokenizer_file, *([config_file] if config_file.is_file() else [])]
+
+
+def _configured_eos(config_file: Path) -> str | None:
+    """The eos token named by a tokenizer_config.json (a string, or HF's {"content": ...}),
+    None when there is no such file or it names none."""
+    if not config_file.is_file():
+        return None
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from None
+    eos = data.get("eos_token") if isinstance(data, dict) else None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if eos is not None and not isinstance(eos, str):
+        raise ValueError(f"{config_file}: eos_token={eos!r} must be a string")
+    return eos

@@ -2,7 +2,8 @@
 with mu flowing between layers and an optional PiD-style scaler on the residual:
 
     a     = mixer(norm(h), mu_prev)
-    m     = mlp(norm(h + a), token_ids)        # ScMoE: routed experts read norm(h_prev_block)
+    m     = mlp(norm(h + a), token_ids)        # ScMoE: routed experts read norm(h_prev_block);
+                                               # m = 0 and no norm for MLP letter N (no MLP)
     delta = a + m                              # the block's residual contribution
     mu    = update(h + delta, mu_prev)         # only in blocks that produce mu (see below)
     h_out = h + s * delta,  s = scaler(h + delta, mu, mu_prev)   (s = 1 without the scaler)
@@ -46,8 +47,10 @@ class Block(nn.Module):
         c = config
         self.mixer_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mixer = build_mixer(c, layer_idx)
-        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = build_mlp(c, layer_idx)
+        # A block without an MLP (letter N) has no norm for it: no parameter nothing reads.
+        self.mlp_norm = (None if getattr(self.mlp, "is_empty", False)
+                         else RMSNorm(c.hidden_size, c.rms_norm_eps))
         reads = mu_reading_layers(c)
         produces_mu = reads[layer_idx] and any(reads[layer_idx + 1:])
         self.mu_update = (
@@ -75,13 +78,16 @@ class Block(nn.Module):
         packed rows, handed to the mixer (positions are then (B, T))."""
         a = self.mixer(self.mixer_norm(h), positions=positions, cache=cache, mu_prev=mu_prev,
                        segment_ids=segment_ids)
-        mlp_in = self.mlp_norm(h + a)
-        if self.uses_shortcut:
-            shortcut = self.mlp_norm(prev_input if prev_input is not None else h)
-            m, stats = self.mlp(mlp_in, token_ids=token_ids, shortcut=shortcut)
+        if self.mlp_norm is None:  # no MLP (letter N): the block is its mixer alone
+            delta, stats = a, {}
         else:
-            m, stats = self.mlp(mlp_in, token_ids=token_ids)
-        delta = a + m
+            mlp_in = self.mlp_norm(h + a)
+            if self.uses_shortcut:
+                shortcut = self.mlp_norm(prev_input if prev_input is not None else h)
+                m, stats = self.mlp(mlp_in, token_ids=token_ids, shortcut=shortcut)
+            else:
+                m, stats = self.mlp(mlp_in, token_ids=token_ids)
+            delta = a + m
         mu = self.mu_update(h + delta, mu_prev) if self.mu_update is not None else mu_prev
         if self.scaler is not None:
             delta = self.scaler(h + delta, mu, mu_prev) * delta

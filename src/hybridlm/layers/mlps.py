@@ -5,6 +5,8 @@
        intermediate_size split over the layer's experts, plus the shared experts
     E  learned MoE (top-k, expert choice or a registered router; layers/moe.py): experts of
        moe_intermediate_size, plus the shared experts
+    N  none: the block is its mixer alone (Mamba's own stacks have no MLP); the block then
+       has no MLP norm either (layers/block.py)
 
 `mlp_pattern` letters name them through `hybridlm.registry`, so one stack mixes kinds
 (mlp_pattern="TE" alternates token-routed and learned-MoE layers). A builder takes
@@ -18,6 +20,7 @@ config is made).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from hybridlm.config import ModelConfig
@@ -25,6 +28,17 @@ from hybridlm.layers.mlp import DenseMLP
 from hybridlm.layers.moe import MoEMLP
 from hybridlm.layers.token_routed import TokenRoutedMLP
 from hybridlm.registry import mlp_entry, register_mlp
+
+
+class NoMLP(nn.Module):
+    """MLP letter N: no MLP at all. `is_empty` tells the block to skip it (and its norm)."""
+
+    is_empty = True
+
+    def forward(
+        self, x: torch.Tensor, *, token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return torch.zeros_like(x), {}
 
 
 def build_dense(config: ModelConfig, layer: int) -> nn.Module:
@@ -43,10 +57,15 @@ def build_learned_moe(config: ModelConfig, layer: int) -> nn.Module:
     return MoEMLP(config, config.experts_in_layer(layer))
 
 
+def build_no_mlp(config: ModelConfig, layer: int) -> nn.Module:
+    return NoMLP()
+
+
 # The built-in MLP kinds: letter -> builder, in the one table of hybridlm.registry.
 register_mlp("D", build_dense, "dense SwiGLU")
 register_mlp("T", build_token_routed, "token-routed experts")
 register_mlp("E", build_learned_moe, "learned MoE")
+register_mlp("N", build_no_mlp, "no MLP (the block is its mixer alone)")
 
 
 def build_mlp(config: ModelConfig, layer: int) -> nn.Module:

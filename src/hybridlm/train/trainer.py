@@ -32,6 +32,7 @@ from hybridlm.checkpoint_shards import INDEX_NAME, is_weight_file
 from hybridlm.config import ModelConfig
 from hybridlm.config_legacy import is_legacy
 from hybridlm.data import WindowSampler, load_prepared
+from hybridlm.data.tokenizer import tokenizer_files
 from hybridlm.errors import RunError
 from hybridlm.eval import evaluate
 from hybridlm.model import HybridLM, count_targets
@@ -274,7 +275,7 @@ def _pretrain_inputs(cfg: TrainConfig) -> RunInputs:
             f"sequence of seq_len={cfg.seq_len}: prepare it with a larger --val-fraction, or "
             "use a shorter --seq-len"
         )
-    return RunInputs(model, batches, val, [data.tokenizer_path], None)
+    return RunInputs(model, batches, val, tokenizer_files(data.tokenizer_path), None)
 
 
 def _sft_inputs(cfg: TrainConfig) -> RunInputs:
@@ -298,8 +299,8 @@ def _sft_inputs(cfg: TrainConfig) -> RunInputs:
                          f"fewer than global_batch_size={cfg.global_batch_size}{cut}")
     print(f"[sft] {stats.to_dict()}")
     batches = SFTBatches(rows, cfg.global_batch_size, cfg.seed)
-    return RunInputs(model, batches, None, [Path(cfg.init_from) / "tokenizer.json"], None,
-                     template)
+    tokenizer_copies = tokenizer_files(Path(cfg.init_from) / "tokenizer.json")
+    return RunInputs(model, batches, None, tokenizer_copies, None, template)
 
 
 def check_resumed_length(cfg: TrainConfig, saved: TrainConfig, done: int,
