@@ -7,6 +7,12 @@ from hybridlm.model import HybridLM, ModelCache, ModelOutput
 
 __version__ = "0.1.0"
 
+# HF transformers' Auto classes learn about hybridlm models as soon as both are imported, in
+# either order; transformers itself is never imported here (see _hf_registration).
+from hybridlm import _hf_registration
+
+_hf_registration.arrange()
+
 __all__ = [
     "PRESETS",
     "ConfigError",

@@ -41,10 +41,14 @@ from hybridlm.config_legacy import upgrade
 from hybridlm.model import HybridLM
 from hybridlm.outputs import entries, link_or_copy, staged_dir
 
-__all__ = ["CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "CheckpointError", "check_weights",
-           "load_config", "load_model", "load_weights", "save_model"]
+__all__ = ["CONFIG_NAME", "INDEX_NAME", "MODEL_TYPE", "WEIGHTS_NAME", "CheckpointError",
+           "check_weights", "config_json", "load_config", "load_model", "load_weights",
+           "save_model"]
 
 CONFIG_NAME = "config.json"
+# config.json names its kind the way HF transformers' AutoConfig reads it, so hybridlm.hf can
+# open a model directory as-is; a directory written before this key existed loads the same.
+MODEL_TYPE = "hybridlm"
 # name -> (file, shape): where each tensor of a model directory is, read from headers only
 Layout = dict[str, tuple[Path, tuple[int, ...]]]
 
@@ -81,7 +85,7 @@ def save_model(model: HybridLM, directory: str | Path,
                 _save_shard(tensors, names, staging / shard_name(i, len(shards)))
                 weight_map.update(dict.fromkeys(names, shard_name(i, len(shards))))
             (staging / INDEX_NAME).write_text(index_json(weight_map, sum(sizes.values())))
-        (staging / CONFIG_NAME).write_text(model.config.to_json() + "\n")
+        (staging / CONFIG_NAME).write_text(config_json(model.config) + "\n")
         if staging.parent != directory and directory.is_dir():
             for name, extra in entries(directory).items():
                 if name != CONFIG_NAME and not is_weight_file(name):
@@ -92,6 +96,11 @@ def _save_shard(tensors: dict[str, torch.Tensor], names: list[str], path: Path) 
     # Only this shard's tensors are copied to the host: a GPU model is never copied whole.
     save_file({name: tensors[name].contiguous().cpu() for name in names}, str(path),
               metadata={"format": "pt"})
+
+
+def config_json(config: ModelConfig) -> str:
+    """The text of a model directory's config.json: the config's fields + `model_type`."""
+    return json.dumps({"model_type": MODEL_TYPE, **config.to_dict()}, indent=2, sort_keys=True)
 
 
 # ---------------------------------------------------------------------- reading
@@ -108,6 +117,11 @@ def load_config(directory: str | Path) -> ModelConfig:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path} is damaged: {err}") from err
+    if isinstance(data, dict) and "model_type" in data:
+        kind = data.pop("model_type")
+        if kind != MODEL_TYPE:
+            raise CheckpointError(f"{path}: model_type={kind!r} is not a hybridlm model; "
+                                  f"allowed: {MODEL_TYPE!r} (or no model_type)")
     try:
         return ModelConfig.from_dict(upgrade(data))  # every field checked by type and range
     except ConfigError as err:
