@@ -44,11 +44,12 @@ def register() -> None:
     AutoTokenizer.register(HybridLMConfig, fast_tokenizer_class=HybridLMTokenizerFast)
 
 
-def load(directory: str | Path, **kwargs) -> tuple[HybridLMForCausalLM, HybridLMTokenizerFast]:
-    """The model and tokenizer of a hybridlm model directory, with or without model_type in
-    its config.json (older directories lack it)."""
-    model = HybridLMForCausalLM.from_pretrained(directory, **kwargs)
-    return model, HybridLMTokenizerFast.from_pretrained(directory)
+def load(directory: str | Path, **kwargs) -> HybridLMForCausalLM:
+    """The model of a hybridlm model directory, with or without model_type in its
+    config.json (older directories lack it, so AutoConfig cannot place them); kwargs as
+    `HybridLMForCausalLM.from_pretrained`. Its tokenizer: `HybridLMTokenizerFast
+    .from_pretrained(directory)`."""
+    return HybridLMForCausalLM.from_pretrained(directory, **kwargs)
 
 
 register()
