@@ -22,12 +22,14 @@ SRC = Path(hybridlm.__file__).parent
 # a lower level only (or itself). Parts not listed are only checked for cycles.
 LEVELS = {
     "errors": 0, "config_check": 0, "outputs": 0, "ops": 0, "registry": 0,
+    "_hf_registration": 0,  # imports hybridlm.hf by name, once transformers is imported
     "config_legacy": 0.5,  # the old field names: reads config_check, read by config
     "config": 1, "data": 1,
     "layers": 2, "chat": 2,
     "model": 3,
     "checkpoint": 4, "parallel": 4, "infer": 4, "eval": 4,
     "train": 5, "serve": 5,  # the server: the engine over HTTP
+    "hf": 5,  # HF transformers' view of the model: checkpoint + chat + tokenizer
     "demo": 6, "convert": 6,  # HF checkpoints <-> model directories (transformers, lazily)
     "cli": 7,
 }
