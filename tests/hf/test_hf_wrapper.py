@@ -94,6 +94,20 @@ def test_generate_equals_hybridlm_greedy_through_hybridlms_caches(model_dirs, sm
     assert fed == [(ids.shape[1], True)] + [(1, True)] * (NEW_TOKENS - 1)
 
 
+def test_generate_stops_at_eos_as_hybridlm_does(model_dirs, small_tokenizer):
+    directory = model_dirs["mixed"]
+    ids = prompt_ids(small_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    assert model.generation_config.eos_token_id == 0  # <|endoftext|>, as `hybridlm generate`
+    greedy = reference_greedy(directory, ids)[0, ids.shape[1]:].tolist()
+    stop = greedy[5]  # a token it emits: taken as the eos, generation ends there
+    expected = HybridLM.from_pretrained(directory).eval().generate(
+        ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=stop)
+    assert expected.shape[1] < ids.shape[1] + NEW_TOKENS
+    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=stop)
+    assert out.tolist() == expected.tolist()
+
+
 @pytest.mark.parametrize(("stack", "breakage"), [
     ("gqa", "kv_cache_forgets"), ("mla", "mla_cache_forgets"),
     ("mamba", "mamba_ssm_state_dropped"), ("mamba", "mamba_conv_state_dropped"),
@@ -194,6 +208,17 @@ def test_apply_chat_template_renders_what_generate_chat_renders(model_dirs, smal
     full = CONVERSATION[:3]  # ends with an assistant turn, closed by eos
     text = tokenizer.apply_chat_template(full, tokenize=False)
     assert text == small_tokenizer.decode(template.render(full, small_tokenizer)[0])
+
+
+def test_the_default_template_also_gives_generate_chats_token_ids(model_dirs, small_tokenizer):
+    """The same ids too, where the markers end on a pre-tokenizer boundary (the default's
+    end in a newline); `generate --chat` encodes marker and content apart, so a content
+    ending in spaces before a newline marker could merge differently when encoded whole."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["gqa"])
+    for messages in (CONVERSATION[1:2], CONVERSATION):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                            return_dict=False)
+        assert list(ids) == ChatTemplate().render_prompt(messages, small_tokenizer)
 
 
 def test_the_tokenizer_encodes_and_decodes_as_hybridlms(model_dirs, small_tokenizer):

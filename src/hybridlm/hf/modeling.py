@@ -26,6 +26,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hybridlm.checkpoint import load_weights
+from hybridlm.data.tokenizer import EOS_TOKEN_ID
 from hybridlm.hf.cache import HybridLMCache
 from hybridlm.hf.config import HybridLMConfig
 from hybridlm.model import HybridLM, next_token_loss
@@ -93,6 +94,10 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"device_map={device_map!r}: a hybridlm model loads onto one "
                                  "device; pass its name ('cpu', 'cuda', 'cuda:1')")
             model.to(device_map)
+        # generation stops at <|endoftext|>, as `hybridlm generate` does; rows that stopped
+        # are padded with it
+        model.generation_config.eos_token_id = EOS_TOKEN_ID
+        model.generation_config.pad_token_id = EOS_TOKEN_ID
         model.name_or_path = str(directory)
         config._name_or_path = str(directory)
         return model.eval()
