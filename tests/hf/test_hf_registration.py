@@ -78,10 +78,11 @@ print(hybridlm.HybridLM.__name__, "hybridlm.hf" in sys.modules)
 @needs_transformers
 @pytest.mark.parametrize("order", ["hybridlm first", "transformers first"])
 def test_auto_config_knows_hybridlm_in_either_import_order(order, tmp_path):
-    from conftest import tiny_config
-    from hybridlm import HybridLM
+    from hybridlm import HybridLM, ModelConfig
 
-    HybridLM(tiny_config()).save_pretrained(tmp_path)
+    HybridLM(ModelConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                         mlp_pattern="D")).save_pretrained(tmp_path)
     imports = ("import hybridlm\nimport transformers" if order == "hybridlm first"
                else "import transformers\nimport hybridlm")
     out = python(f"{imports}\nconfig = transformers.AutoConfig.from_pretrained({str(tmp_path)!r})"

@@ -15,8 +15,7 @@ import torch
 transformers = pytest.importorskip(
     "transformers", reason="the optional `hf` extra (transformers) is not installed")
 
-from conftest import tiny_config  # noqa: E402
-from hybridlm import HybridLM  # noqa: E402
+from hybridlm import HybridLM, ModelConfig  # noqa: E402
 from hybridlm.chat import ChatTemplate  # noqa: E402
 from hybridlm.checkpoint import CheckpointError, load_config  # noqa: E402
 from hybridlm.hf import HybridLMCache, HybridLMForCausalLM, HybridLMTokenizerFast, load  # noqa: E402
@@ -32,15 +31,22 @@ PROMPT = "The history of"
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "legacy_model_dirs"
 
 
+def history_config(vocab_size: int, mixers: str, mlps: str) -> ModelConfig:
+    """conftest.tiny_config's shape (its name is not importable from every test folder),
+    made history-dependent as conftest.make_history_model does (untied, init std 0.3)."""
+    return ModelConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                       num_experts=4, max_position_embeddings=64, mixer_pattern=mixers,
+                       mlp_pattern=mlps, tie_word_embeddings=False, initializer_range=0.3)
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, small_tokenizer) -> dict[str, Path]:
     """One saved history-dependent model directory per stack (config.json, weights,
     tokenizer.json); see conftest.make_history_model for why these settings."""
     dirs = {}
     for name, (mixers, mlps) in STACKS.items():
-        config = tiny_config(vocab_size=small_tokenizer.vocab_size, mixer_pattern=mixers,
-                             mlp_pattern=mlps, tie_word_embeddings=False,
-                             initializer_range=0.3)
+        config = history_config(small_tokenizer.vocab_size, mixers, mlps)
         torch.manual_seed(0)
         directory = tmp_path_factory.mktemp(name)
         HybridLM(config).eval().save_pretrained(directory)
@@ -162,6 +168,17 @@ def test_generate_refuses_beam_search(model_dirs, small_tokenizer):
     with pytest.raises(NotImplementedError, match="num_beams=2"):
         model.generate(prompt_ids(small_tokenizer), max_new_tokens=3, num_beams=2,
                        do_sample=False)
+
+
+def test_bad_generate_and_load_arguments_are_refused_by_name(model_dirs, small_tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["gqa"])
+    ids = prompt_ids(small_tokenizer)  # 64 positions (tiny_config)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings=64"):
+        model.generate(ids, max_new_tokens=65 - ids.shape[1], do_sample=False)
+    with pytest.raises(ValueError, match="device_map='auto'"):
+        AutoModelForCausalLM.from_pretrained(model_dirs["gqa"], device_map="auto")
+    with pytest.raises(ValueError, match="past_key_values must be a HybridLMCache"):
+        model(ids, past_key_values=transformers.DynamicCache())
 
 
 def test_forward_returns_hybridlms_cache_to_continue_from(model_dirs, small_tokenizer):

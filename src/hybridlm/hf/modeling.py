@@ -90,7 +90,8 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         elif dtype not in (None, "auto"):
             raise ValueError(f"dtype={dtype!r}: allowed a torch.dtype, 'auto' or None")
         if device_map is not None:
-            if not isinstance(device_map, str | torch.device | int):
+            if not isinstance(device_map, str | torch.device | int) or device_map in (
+                    "auto", "balanced", "balanced_low_0", "sequential"):
                 raise ValueError(f"device_map={device_map!r}: a hybridlm model loads onto one "
                                  "device; pass its name ('cpu', 'cuda', 'cuda:1')")
             model.to(device_map)
@@ -192,5 +193,9 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
             raise NotImplementedError(
                 f"num_beams={generation_config.num_beams}: beam search reorders cache rows, "
                 "which hybridlm's caches do not support; allowed: num_beams=1")
+        limit = self.config.max_position_embeddings
+        if max_cache_length + 1 > limit:  # + 1: HF passes max_length - 1
+            raise ValueError(f"prompt + max_new_tokens = {max_cache_length + 1} tokens exceeds "
+                             f"max_position_embeddings={limit}")
         rows = batch_size * max(generation_config.num_return_sequences or 1, 1)
         model_kwargs["past_key_values"] = self.new_cache(rows, max_cache_length)
