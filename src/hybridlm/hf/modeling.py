@@ -26,9 +26,9 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hybridlm.checkpoint import load_weights
-from hybridlm.data.tokenizer import EOS_TOKEN_ID
 from hybridlm.hf.cache import HybridLMCache
 from hybridlm.hf.config import HybridLMConfig
+from hybridlm.hf.tokenizer import end_of_text
 from hybridlm.model import HybridLM, next_token_loss
 
 # Arguments HF passes to `from_pretrained` on the way to a local directory; they name hub
@@ -95,10 +95,11 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"device_map={device_map!r}: a hybridlm model loads onto one "
                                  "device; pass its name ('cpu', 'cuda', 'cuda:1')")
             model.to(device_map)
-        # generation stops at <|endoftext|>, as `hybridlm generate` does; rows that stopped
-        # are padded with it
-        model.generation_config.eos_token_id = EOS_TOKEN_ID
-        model.generation_config.pad_token_id = EOS_TOKEN_ID
+        # generation stops at the end-of-text token, as `hybridlm generate` does; rows that
+        # stopped are padded with it
+        _, eos_id = end_of_text(directory)
+        model.generation_config.eos_token_id = eos_id
+        model.generation_config.pad_token_id = eos_id
         model.name_or_path = str(directory)
         config._name_or_path = str(directory)
         return model.eval()

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from transformers import PreTrainedTokenizerFast
 
 from hybridlm.chat import ChatTemplate
-from hybridlm.data.tokenizer import EOS_TOKEN, TOKENIZER_FILENAME
+from hybridlm.data.tokenizer import EOS_TOKEN, EOS_TOKEN_ID, TOKENIZER_FILENAME, Tokenizer
 
 HF_CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -28,7 +28,17 @@ def _literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def jinja_chat_template(template: ChatTemplate) -> str:
+def end_of_text(directory: str | Path) -> tuple[str, int]:
+    """The end-of-text token and id of a model directory, as hybridlm reads them
+    (`<|endoftext|>`, 0, unless tokenizer_config.json names a converted tokenizer's own);
+    hybridlm's when the directory has no tokenizer.json."""
+    if not (Path(directory) / TOKENIZER_FILENAME).is_file():
+        return EOS_TOKEN, EOS_TOKEN_ID
+    tokenizer = Tokenizer.from_file(directory)
+    return tokenizer.eos_token, tokenizer.eos_token_id
+
+
+def jinja_chat_template(template: ChatTemplate, eos_token: str = EOS_TOKEN) -> str:
     """hybridlm's chat template as the Jinja source HF's `apply_chat_template` renders."""
     markers = "{" + ", ".join(
         f"{_literal(role)}: {_literal(getattr(template, role))}"
@@ -41,7 +51,7 @@ def jinja_chat_template(template: ChatTemplate) -> str:
         "assistant') }}"
         "{%- endif -%}"
         "{{ markers[message['role']] }}{{ message['content'] }}"
-        "{%- if message['role'] == 'assistant' -%}{{ " + _literal(EOS_TOKEN) + " }}"
+        "{%- if message['role'] == 'assistant' -%}{{ " + _literal(eos_token) + " }}"
         "{%- else -%}{{ " + _literal(template.turn_end) + " }}{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ markers['assistant'] }}{%- endif -%}"
@@ -59,12 +69,14 @@ class HybridLMTokenizerFast(PreTrainedTokenizerFast):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any,
                         **kwargs: Any) -> HybridLMTokenizerFast:
-        kwargs.setdefault("eos_token", EOS_TOKEN)
-        kwargs.setdefault("pad_token", EOS_TOKEN)  # padding is masked out; any id will do
+        eos_token, _ = end_of_text(pretrained_model_name_or_path)
+        kwargs.setdefault("eos_token", eos_token)
+        kwargs.setdefault("pad_token", eos_token)  # padding is masked out; any id will do
         kwargs["clean_up_tokenization_spaces"] = False  # decode exactly, as hybridlm does
         tokenizer = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         directory = Path(pretrained_model_name_or_path)
         if directory.is_dir() and not (directory / HF_CHAT_TEMPLATE_FILE).exists() and (
                 tokenizer.chat_template is None):
-            tokenizer.chat_template = jinja_chat_template(ChatTemplate.load(directory))
+            tokenizer.chat_template = jinja_chat_template(ChatTemplate.load(directory),
+                                                          eos_token)
         return tokenizer
