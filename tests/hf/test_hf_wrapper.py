@@ -278,3 +278,24 @@ def test_directories_without_model_type_open_through_hybridlm_hf_load(name):
     with torch.no_grad():
         logits = model(torch.tensor(expected["input_ids"])).logits
     torch.testing.assert_close(logits, torch.tensor(expected["logits"]), atol=1e-5, rtol=0)
+
+
+def test_a_directory_converted_from_hf_generates_with_its_own_eos(tmp_path):
+    """`hybridlm convert --from-hf` output (a Llama tokenizer, eos </s> named by
+    tokenizer_config.json) opens with AutoModelForCausalLM and stops where hybridlm does."""
+    from convert_helpers import save_hf_model
+    from hybridlm.convert.command import convert_from_hf
+    from hybridlm.data import Tokenizer
+
+    save_hf_model(tmp_path / "hf", "llama")
+    convert_from_hf(tmp_path / "hf", tmp_path / "ours")
+    eos = Tokenizer.from_file(tmp_path / "ours").eos_token_id
+    assert eos != 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert model.generation_config.eos_token_id == eos
+    assert AutoTokenizer.from_pretrained(tmp_path / "ours").eos_token_id == eos
+    ids = torch.tensor([[5, 9, 13, 2, 7]])
+    expected = HybridLM.from_pretrained(tmp_path / "ours").eval().generate(
+        ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos)
+    assert model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False).tolist() == (
+        expected.tolist())

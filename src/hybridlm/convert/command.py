@@ -19,7 +19,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from hybridlm.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_config
+from hybridlm.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    config_json,
+    load_config,
+)
 from hybridlm.config import ModelConfig
 from hybridlm.convert.common import ConvertError, State, require_transformers
 from hybridlm.convert.registry import family_for_config, family_for_model_type
@@ -67,7 +73,7 @@ def convert_from_hf(src: str | Path, out: str | Path, *, overwrite: bool = False
     if config.tie_word_embeddings:
         state.pop("lm_head.weight")  # the embedding itself, as hybridlm.checkpoint saves it
     with staged_dir(out, replace=True) as staging:
-        (staging / CONFIG_NAME).write_text(config.to_json() + "\n")
+        (staging / CONFIG_NAME).write_text(config_json(config) + "\n")
         save_file({name: t.contiguous() for name, t in state.items()},
                   str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         tokenizer = tokenizer_from_hf(src, staging)
