@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation import utils as generation_utils
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hybridlm.checkpoint import load_weights
@@ -37,6 +38,14 @@ _HUB_ARGUMENTS = {"cache_dir", "force_download", "local_files_only", "proxies", 
                   "token", "trust_remote_code", "code_revision", "_commit_hash", "_from_auto",
                   "_from_pipeline", "use_safetensors", "adapter_kwargs", "low_cpu_mem_usage",
                   "attn_implementation", "subfolder"}
+
+# transformers renamed the cache from `past_key_values` to `cache` (5.2x: the old name is
+# deprecated until 5.40): generate() keeps it under this key, and model outputs carry it in
+# this field.
+CACHE_KWARG = ("cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ())
+               else "past_key_values")
+OUTPUT_CACHE_FIELD = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
+                      else "past_key_values")
 
 
 class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
@@ -126,10 +135,13 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """input_ids (B, T) continue `past_key_values` (None: a new sequence) -> logits
+        """input_ids (B, T) continue `past_key_values` (`cache` from transformers 5.2x on;
+        None: a new sequence) -> logits
         (B, T, V) (the last `logits_to_keep` columns when > 0), the loss when `labels`
         (B, T) are given (-100 = ignored, shifted inside), and the cache when `use_cache`.
         attention_mask (B, S) covers the cached columns and these (1 token, 0 padding)."""
+        renamed = kwargs.pop("cache", None)  # the name transformers uses since 5.2x
+        past_key_values = past_key_values if past_key_values is not None else renamed
         self._refuse_unsupported(input_ids, kwargs)
         if past_key_values is not None and not isinstance(past_key_values, HybridLMCache):
             raise ValueError(f"past_key_values must be a HybridLMCache (hybridlm's own caches), "
@@ -152,7 +164,7 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=cache if use_cache else None)
+                                      **{OUTPUT_CACHE_FIELD: cache if use_cache else None})
 
     def _forward_packed(self, input_ids: torch.Tensor, real: torch.Tensor,
                         cache: HybridLMCache) -> torch.Tensor:
@@ -188,7 +200,7 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
                                       max_cache_length: int) -> None:
         """generate(): a HybridLMCache sized for the prompt + max_new_tokens (HF would
         otherwise build a DynamicCache, which HybridLM cannot fill)."""
-        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+        if model_kwargs.get(CACHE_KWARG) is not None or generation_config.use_cache is False:
             return
         if generation_config.num_beams > 1:
             raise NotImplementedError(
@@ -199,4 +211,4 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"prompt + max_new_tokens = {max_cache_length + 1} tokens exceeds "
                              f"max_position_embeddings={limit}")
         rows = batch_size * max(generation_config.num_return_sequences or 1, 1)
-        model_kwargs["past_key_values"] = self.new_cache(rows, max_cache_length)
+        model_kwargs[CACHE_KWARG] = self.new_cache(rows, max_cache_length)
