@@ -133,16 +133,34 @@ def take(state: State, name: str) -> torch.Tensor:
     return state.pop(name)
 
 
+def ends(state: State, embed: str, norm: str, new_embed: str, new_norm: str,
+         tied: bool) -> State:
+    """The embeddings, final norm and LM head taken from `state` under their new names
+    (embed -> new_embed, norm -> new_norm; lm_head.weight keeps its name in both layouts); a
+    tied head is the embedding itself."""
+    out = {new_embed: take(state, embed), new_norm: take(state, norm)}
+    lm_head = take(state, "lm_head.weight")
+    out["lm_head.weight"] = out[new_embed] if tied else lm_head
+    return out
+
+
+def refuse_leftovers(state: State, from_hf: bool) -> None:
+    """Every tensor of `state` must have been taken: any left is an error, never dropped."""
+    if state and from_hf:
+        raise ConvertError(f"the checkpoint has tensors this converter does not map: "
+                           f"{sorted(state)[:5]}")
+    if state:
+        raise ConvertError(f"the model has tensors with no HF counterpart: {sorted(state)[:5]}")
+
+
 def gqa_from_hf(hf: State, config: ModelConfig, mlp_from_hf: Callable[[State, str, str], State],
                 qk_norm: bool) -> State:
     """An HF Llama-like state dict (model.*, lm_head) -> hybridlm's, with each layer's MLP
     mapped by `mlp_from_hf(hf, hf_prefix, our_prefix)`. hf is consumed; any tensor left
     over is an error (never dropped)."""
     hf = dict(hf)
-    ours: State = {"embed_tokens.weight": take(hf, "model.embed_tokens.weight"),
-                   "norm.weight": take(hf, "model.norm.weight")}
-    lm_head = take(hf, "lm_head.weight")
-    ours["lm_head.weight"] = ours["embed_tokens.weight"] if config.tie_word_embeddings else lm_head
+    ours = ends(hf, "model.embed_tokens.weight", "model.norm.weight", "embed_tokens.weight",
+                "norm.weight", config.tie_word_embeddings)
     for i in range(config.num_hidden_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         ours[dst + "mixer_norm.weight"] = take(hf, src + "input_layernorm.weight")
@@ -155,9 +173,7 @@ def gqa_from_hf(hf: State, config: ModelConfig, mlp_from_hf: Callable[[State, st
             for norm in ("q_norm", "k_norm"):
                 ours[dst + f"mixer.{norm}.weight"] = take(hf, src + f"self_attn.{norm}.weight")
         ours.update(mlp_from_hf(hf, src + "mlp.", dst + "mlp."))
-    if hf:
-        raise ConvertError(f"the checkpoint has tensors this converter does not map: "
-                           f"{sorted(hf)[:5]}")
+    refuse_leftovers(hf, from_hf=True)
     return ours
 
 
@@ -166,10 +182,8 @@ def gqa_to_hf(state: State, config: ModelConfig,
     """The inverse of gqa_from_hf: hybridlm state -> HF Llama-like names."""
     state = dict(state)
     c = config
-    hf: State = {"model.embed_tokens.weight": take(state, "embed_tokens.weight"),
-                 "model.norm.weight": take(state, "norm.weight")}
-    lm_head = take(state, "lm_head.weight")
-    hf["lm_head.weight"] = hf["model.embed_tokens.weight"] if c.tie_word_embeddings else lm_head
+    hf = ends(state, "embed_tokens.weight", "norm.weight", "model.embed_tokens.weight",
+              "model.norm.weight", c.tie_word_embeddings)
     q_rows = c.num_attention_heads * c.head_dim
     kv_rows = c.num_key_value_heads * c.head_dim
     for i in range(c.num_hidden_layers):
@@ -184,8 +198,7 @@ def gqa_to_hf(state: State, config: ModelConfig,
             for norm in ("q_norm", "k_norm"):
                 hf[dst + f"self_attn.{norm}.weight"] = take(state, src + f"mixer.{norm}.weight")
         hf.update(mlp_to_hf(state, src + "mlp.", dst + "mlp."))
-    if state:
-        raise ConvertError(f"the model has tensors with no HF counterpart: {sorted(state)[:5]}")
+    refuse_leftovers(state, from_hf=False)
     return hf
 
 

@@ -17,6 +17,8 @@ from hybridlm.convert.common import (
     ConvertError,
     Family,
     State,
+    ends,
+    refuse_leftovers,
     refuse_unless,
     require_transformers,
     take,
@@ -53,18 +55,14 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
 
 def weights_from_hf(hf: State, config: ModelConfig) -> State:
     hf = dict(hf)
-    ours: State = {"embed_tokens.weight": take(hf, "backbone.embeddings.weight"),
-                   "norm.weight": take(hf, "backbone.norm_f.weight")}
-    lm_head = take(hf, "lm_head.weight")
-    ours["lm_head.weight"] = ours["embed_tokens.weight"] if config.tie_word_embeddings else lm_head
+    ours = ends(hf, "backbone.embeddings.weight", "backbone.norm_f.weight",
+                "embed_tokens.weight", "norm.weight", config.tie_word_embeddings)
     for i in range(config.num_hidden_layers):
         src, dst = f"backbone.layers.{i}.", f"layers.{i}."
         ours[dst + "mixer_norm.weight"] = take(hf, src + "norm.weight")
         for name in MIXER_TENSORS:
             ours[dst + "mixer." + name] = take(hf, src + "mixer." + name)
-    if hf:
-        raise ConvertError(f"the checkpoint has tensors this converter does not map: "
-                           f"{sorted(hf)[:5]}")
+    refuse_leftovers(hf, from_hf=True)
     return ours
 
 
@@ -86,18 +84,14 @@ def config_to_hf(config: ModelConfig, token_ids: dict[str, Any]) -> Any:
 
 def weights_to_hf(state: State, config: ModelConfig) -> State:
     state = dict(state)
-    hf: State = {"backbone.embeddings.weight": take(state, "embed_tokens.weight"),
-                 "backbone.norm_f.weight": take(state, "norm.weight")}
-    lm_head = take(state, "lm_head.weight")
-    hf["lm_head.weight"] = (hf["backbone.embeddings.weight"] if config.tie_word_embeddings
-                            else lm_head)
+    hf = ends(state, "embed_tokens.weight", "norm.weight", "backbone.embeddings.weight",
+              "backbone.norm_f.weight", config.tie_word_embeddings)
     for i in range(config.num_hidden_layers):
         src, dst = f"layers.{i}.", f"backbone.layers.{i}."
         hf[dst + "norm.weight"] = take(state, src + "mixer_norm.weight")
         for name in MIXER_TENSORS:
             hf[dst + "mixer." + name] = take(state, src + "mixer." + name)
-    if state:
-        raise ConvertError(f"the model has tensors with no HF counterpart: {sorted(state)[:5]}")
+    refuse_leftovers(state, from_hf=False)
     return hf
 
 
