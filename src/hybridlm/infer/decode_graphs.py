@@ -22,8 +22,6 @@ Glossary: R rows of a bucket (<= max_batch), W key window, V vocab.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from hybridlm.infer.slots import SlotPool
@@ -157,11 +155,9 @@ class DecodeGraphs:
         """The pool's rows 0 .. rows-1 as a ModelCache with a key window. Every layer reads
         the pool's model-level lengths (the same memory on every replay); the forward then
         replaces the view's lengths with new tensors, so each run builds its own view."""
-        pool = self.pool.cache
-        shared = pool.lengths[:rows]  # (R,) a view into the pool
-        layers = [dataclasses.replace(layer, lengths=shared, **{
-            f.name: getattr(layer, f.name)[:rows] for f in dataclasses.fields(layer)
-            if f.name != "lengths" and isinstance(getattr(layer, f.name), torch.Tensor)})
-            for layer in pool.layers]
+        shared = self.pool.cache.lengths[:rows]  # (R,) a view into the pool
+        layers = self.pool.view(0, rows).layers
+        for layer in layers:
+            layer.lengths = shared
         return ModelCache(layers, shared, key_window=window)
 
