@@ -23,6 +23,7 @@ import torch
 from bench.ceilings import copy_bandwidth
 from bench.timing import Measured, Row, attempt, measure, peer_row
 from hybridlm import ModelConfig
+from hybridlm.infer.decode_graphs import captured
 from hybridlm.layers.mla import MultiHeadLatentAttention
 
 NAME = "mla_decode"
@@ -66,24 +67,17 @@ def measure_decode(absorb: bool, device: torch.device, quick: bool,
         layer(x, positions=positions, cache=cache)
 
     if graph:
-        step = captured(step, queries[0][0].clone(), cache, cached + 1)
+        step = graphed(step, queries[0][0].clone(), cache, cached + 1)
     timing = measure(step, device, warmup=5, repeats=30, inputs=queries, quick=quick)
     read = cache_bytes(layer, batch, cached + 1, cache.c_kv.element_size())
     weights = sum(p.numel() * p.element_size() for p in layer.parameters())
     return Measured.of(timing, read / 1e9, cache_bytes=read, weight_bytes=weights)
 
 
-def captured(step, static_x: torch.Tensor, cache, window: int):
+def graphed(step, static_x: torch.Tensor, cache, window: int):
     """step as a CUDA graph over a fixed key window: (x) -> copy x in, replay."""
     cache.key_window = window
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step(static_x)  # warm-up (Triton compiles) outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(static_x)
+    graph, _ = captured(lambda: step(static_x))  # its warm-up compiles the Triton kernel
 
     def replay(x: torch.Tensor) -> None:
         static_x.copy_(x)

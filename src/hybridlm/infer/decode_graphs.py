@@ -39,6 +39,21 @@ def buckets(limit: int, smallest: int = 1) -> list[int]:
     return [*sizes, limit]
 
 
+def captured(fn, pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """fn() recorded into a CUDA graph (in memory pool `pool`, None: its own) after one
+    warm-up run on a side stream, as capture requires -> (graph, fn's output, which every
+    replay rewrites in place)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 class DecodeGraphs:
     """Runs decode steps over the rows of `pool` with static shapes; `capture` (default: on
     when the pool lives on a CUDA device) records each bucket into a CUDA graph.
@@ -124,15 +139,7 @@ class DecodeGraphs:
             # tokens, which changes nothing in the pool: the cache writes land past each
             # row's length, lengths and recurrent states stay (see module docstring).
             self.inputs[:, :rows].zero_()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._step(rows, window)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.mempool):
-                logits = self._step(rows, window)
-            self.graphs[key] = (graph, logits)
+            self.graphs[key] = captured(lambda: self._step(rows, window), self.mempool)
         return self.graphs[key]
 
     def _step(self, rows: int, window: int) -> torch.Tensor:
